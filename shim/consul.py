@@ -1,0 +1,292 @@
+"""A thin Consul HTTP client: sessions, KV reads (blocking queries), transactions. Typed errors, no retries.
+
+Built on the standard library's http.client (one keep-alive connection per thread) rather than `requests`:
+importing requests costs ~60 ms and ~8 MiB, most of an uncontended run. Retry policy is the caller's (shim.lock),
+because only the caller knows its deadlines.
+"""
+
+import base64
+import http.client
+import json
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from urllib.parse import quote, urlencode, urlsplit
+
+from shim.exitcodes import PERMISSION, UNAVAILABLE, ShimError
+
+DEFAULT_ADDR = "http://127.0.0.1:8500"
+# How long a plain (non-blocking) request may take before we call the agent unreachable.
+DEFAULT_REQUEST_TIMEOUT = 10.0
+
+
+class ConsulError(ShimError):
+    code = UNAVAILABLE
+
+
+class Unreachable(ConsulError):
+    """No HTTP answer at all: refused, reset, timed out, DNS, TLS handshake."""
+
+
+class HTTPError(ConsulError):
+    def __init__(self, message, status, body):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class PermissionDenied(HTTPError):
+    code = PERMISSION
+
+
+class _Raw:
+    """A request body sent as bytes, not JSON (KV values)."""
+
+    def __init__(self, data):
+        self.data = data
+
+
+def _truthy(value):
+    return str(value).strip().lower() in ("1", "t", "true", "yes", "on")
+
+
+@dataclass
+class Settings:
+    """Connection settings with the names and precedence of the consul CLI (flags override env)."""
+
+    addr: str = DEFAULT_ADDR
+    token: str = ""
+    datacenter: str = ""
+    ssl: bool = False
+    ca_file: str = ""
+    ca_path: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    verify: bool = True
+    server_name: str = ""
+
+    @classmethod
+    def from_env(cls, env=None, addr=None, token=None, token_file=None, datacenter=None):
+        env = os.environ if env is None else env
+        tok = token or ""
+        if not tok and token_file:
+            tok = _read_token(token_file)
+        if not tok:
+            tok = env.get("CONSUL_HTTP_TOKEN", "")
+        if not tok and env.get("CONSUL_HTTP_TOKEN_FILE"):
+            tok = _read_token(env["CONSUL_HTTP_TOKEN_FILE"])
+        return cls(
+            addr=addr or env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR,
+            token=tok,
+            datacenter=datacenter or "",
+            ssl=_truthy(env.get("CONSUL_HTTP_SSL", "")),
+            ca_file=env.get("CONSUL_CACERT", ""),
+            ca_path=env.get("CONSUL_CAPATH", ""),
+            client_cert=env.get("CONSUL_CLIENT_CERT", ""),
+            client_key=env.get("CONSUL_CLIENT_KEY", ""),
+            verify=not ("CONSUL_HTTP_SSL_VERIFY" in env and not _truthy(env["CONSUL_HTTP_SSL_VERIFY"])),
+            server_name=env.get("CONSUL_TLS_SERVER_NAME", ""),
+        )
+
+
+def _read_token(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ShimError(f"cannot read token file {path}: {e.strerror}", code=2) from None
+
+
+def _split_addr(settings):
+    """Return (scheme, host, port) from CONSUL_HTTP_ADDR-style text."""
+    addr = settings.addr.strip()
+    if "://" not in addr:
+        addr = ("https://" if settings.ssl else "http://") + addr
+    parts = urlsplit(addr)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ShimError(f"unsupported Consul address {settings.addr!r} (use host:port or http(s)://host:port)", 2)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ShimError(f"bad port in Consul address {settings.addr!r}", 2) from None
+    return parts.scheme, parts.hostname, port
+
+
+class Client:
+    def __init__(self, settings: Settings, verbose=False, log=None):
+        self.settings = settings
+        self.scheme, self.host, self.port = _split_addr(settings)
+        self.address = f"{self.scheme}://{self.host}:{self.port}"
+        self.verbose = verbose
+        self._log = log or (lambda line: print(f"consul-locker: {line}", file=sys.stderr, flush=True))
+        self._local = threading.local()
+        self._ssl_context = self._make_ssl_context() if self.scheme == "https" else None
+
+    # -- transport ---------------------------------------------------------------------------------------
+    def _make_ssl_context(self):
+        import ssl  # only on the TLS path: it costs start-up time
+
+        s = self.settings
+        try:
+            ctx = ssl.create_default_context(cafile=s.ca_file or None, capath=s.ca_path or None)
+            if s.client_cert:
+                ctx.load_cert_chain(s.client_cert, s.client_key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ShimError(f"TLS set-up failed: {e}", 2) from None
+        if not s.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _connection(self, timeout):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._ssl_context is not None:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl_context)
+                if self.settings.server_name:
+                    # http.client uses the host for SNI and hostname checks; wrap with the server name instead.
+                    ctx, name = self._ssl_context, self.settings.server_name
+
+                    def connect(conn=conn):
+                        http.client.HTTPConnection.connect(conn)
+                        conn.sock = ctx.wrap_socket(conn.sock, server_hostname=name)
+
+                    conn.connect = connect
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            self._local.conn = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _redact(self, text):
+        tok = self.settings.token
+        return text.replace(tok, "<redacted>") if tok else text
+
+    def request(self, method, path, params=None, body=None, timeout=DEFAULT_REQUEST_TIMEOUT):
+        """Send one request; return (status, headers, parsed JSON or text). Raise on transport or 4xx/5xx."""
+        params = dict(params or {})
+        if self.settings.datacenter:
+            params["dc"] = self.settings.datacenter
+        url = path + ("?" + urlencode(params) if params else "")
+        data = body.data if isinstance(body, _Raw) else None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.settings.token:
+            headers["X-Consul-Token"] = self.settings.token
+        if self.verbose:
+            self._log(self._redact(f"-> {method} {url}" + (f" {data.decode()}" if data else "")))
+        for attempt in (1, 2):
+            conn = self._connection(timeout)
+            try:
+                conn.request(method, url, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                # A keep-alive connection the agent closed while idle: one immediate retry on a fresh one.
+                self.close()
+                if attempt == 2:
+                    raise Unreachable(f"Consul at {self.address} dropped the connection ({e})") from None
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                reason = "timed out" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or e)
+                raise Unreachable(f"Consul at {self.address} is unreachable: {reason}") from None
+        text = raw.decode("utf-8", "replace")
+        if self.verbose:
+            self._log(self._redact(f"<- {resp.status} {text.strip()[:2000]}"))
+        if resp.status == 403:
+            raise PermissionDenied(
+                f"Consul at {self.address} denied {method} {path} (ACL): {text.strip()} -- "
+                "check the token (--token, CONSUL_HTTP_TOKEN)",
+                resp.status,
+                text,
+            )
+        if resp.status >= 400 and not (resp.status == 404 or (resp.status == 409 and path == "/v1/txn")):
+            raise HTTPError(
+                f"Consul at {self.address}: {method} {path} -> {resp.status} {text.strip()}", resp.status, text
+            )
+        ctype = resp.getheader("Content-Type", "")
+        payload = json.loads(text) if text and "json" in ctype else text
+        return resp.status, resp, payload
+
+    # -- sessions ----------------------------------------------------------------------------------------
+    def session_create(self, name, ttl, lock_delay, behavior="release", timeout=DEFAULT_REQUEST_TIMEOUT):
+        body = {"Name": name, "TTL": ttl, "LockDelay": lock_delay, "Behavior": behavior, "Checks": []}
+        _, _, payload = self.request("PUT", "/v1/session/create", body=body, timeout=timeout)
+        return payload["ID"]
+
+    def session_renew(self, session, timeout=DEFAULT_REQUEST_TIMEOUT):
+        """True while the session exists; False when Consul answers 404 (destroyed or expired)."""
+        status, _, _ = self.request("PUT", f"/v1/session/renew/{session}", timeout=timeout)
+        return status == 200
+
+    def session_destroy(self, session, timeout=DEFAULT_REQUEST_TIMEOUT):
+        self.request("PUT", f"/v1/session/destroy/{session}", timeout=timeout)
+
+    def session_info(self, session):
+        status, _, payload = self.request("GET", f"/v1/session/info/{session}")
+        return payload[0] if status == 200 and payload else None
+
+    # -- KV ----------------------------------------------------------------------------------------------
+    def kv_release(self, key, session, flags, value=b"", timeout=DEFAULT_REQUEST_TIMEOUT):
+        """PUT ?release=: frees the key only if `session` holds it. Returns Consul's true/false."""
+        params = {"release": session, "flags": str(flags)}
+        _, _, payload = self._put_raw("/v1/kv/" + quote(key, safe="/"), params, value, timeout)
+        return payload is True
+
+    def _put_raw(self, path, params, value, timeout):
+        return self.request("PUT", path, params, body=_Raw(value), timeout=timeout)
+
+    def kv_get(self, key, index=None, wait=None, recurse=False, consistent=False, timeout=None):
+        """Read a key (or a prefix with recurse). With index and wait, a blocking query.
+
+        Returns (entries, index): entries is a list of dicts with Value decoded to bytes (empty when absent).
+        """
+        params = {}
+        if recurse:
+            params["recurse"] = ""
+        if consistent:
+            params["consistent"] = ""
+        if index is not None:
+            params["index"] = str(index)
+        if wait is not None:
+            params["wait"] = f"{max(1, int(wait * 1000))}ms"
+        if timeout is None:
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            timeout = DEFAULT_REQUEST_TIMEOUT + (wait or 0) * 1.1
+        status, resp, payload = self.request("GET", "/v1/kv/" + quote(key, safe="/"), params, timeout=timeout)
+        new_index = int(resp.getheader("X-Consul-Index", "0") or 0)
+        entries = payload if status == 200 and isinstance(payload, list) else []
+        for e in entries:
+            e["Value"] = base64.b64decode(e["Value"]) if e.get("Value") else b""
+        return entries, new_index
+
+    def txn(self, ops, timeout=DEFAULT_REQUEST_TIMEOUT):
+        """Run a KV transaction. Returns (ok, results or errors). Keys in a txn body need no URL encoding."""
+        status, _, payload = self.request("PUT", "/v1/txn", body=ops, timeout=timeout)
+        if status == 200:
+            return True, payload.get("Results") or []
+        return False, (payload or {}).get("Errors") or []
+
+    def kv_op(self, verb, key, value=b"", flags=0, session=None, index=None, timeout=DEFAULT_REQUEST_TIMEOUT):
+        """One KV operation as a transaction: returns (entry, None) on success, (None, error text) otherwise."""
+        op = {"Verb": verb, "Key": key, "Flags": flags}
+        if verb in ("set", "cas", "lock", "unlock"):
+            op["Value"] = base64.b64encode(value).decode()
+        if session is not None:
+            op["Session"] = session
+        if index is not None:
+            op["Index"] = index
+        ok, out = self.txn([{"KV": op}], timeout=timeout)
+        if ok:
+            return (out[0].get("KV") if out else None) or {}, None
+        return None, "; ".join(str(e.get("What", e)) for e in out) or "transaction refused"
