@@ -57,10 +57,12 @@ class Runner:
         kw.setdefault("text", True)
         return subprocess.Popen(LOCKER + [str(a) for a in args], env=env or locker_env(self.agent), **kw)
 
-    def run(self, *args, env=None, timeout=60, **kw):
+    def run(self, *args, env=None, timeout=60, input=None, **kw):
+        if input is not None:
+            kw["stdin"] = subprocess.PIPE
         p = self.popen(*args, env=env, **kw)
         try:
-            out, err = p.communicate(timeout=timeout)
+            out, err = p.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
