@@ -190,10 +190,14 @@ class Locker:
                 )
             except consul.ConsulError as e:  # transient or not, we just could not confirm the session
                 self.last_error = e
-                if time.monotonic() >= fence_at:
+                now = time.monotonic()
+                if self.hold is None:  # still waiting: nothing to fence, just keep trying at a gentle pace
+                    next_at = now + backoff.delay()
+                    continue
+                if now >= fence_at:
                     self._lose(f"could not confirm the session with Consul for {format_go(ttl)} (TTL): {e}")
                     return
-                next_at = min(fence_at, time.monotonic() + backoff.delay())
+                next_at = min(fence_at, now + backoff.delay())
                 continue
             backoff.reset()
             if not alive:
@@ -273,6 +277,7 @@ class Locker:
         with self._mutex:
             if self._closed.is_set() or stop.is_set():
                 return None, "stopped"
+            sent = time.monotonic()
             try:
                 entry, err = self.client.kv_op(verb, key, value, flags, self._session, index)
             except consul.PermissionDenied:
@@ -281,6 +286,7 @@ class Locker:
                 self.last_error = e
                 return None, "transient"
             if entry is not None:
+                self._confirmed_at = max(self._confirmed_at, sent)  # a granted write proves the session
                 self._held(int(entry["ModifyIndex"]))
             return entry, err
 

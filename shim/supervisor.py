@@ -227,6 +227,8 @@ class Supervisor:
         status, kill_at, killed = None, None, False
         while status is None:
             timeout = None if kill_at is None or killed else kill_at - time.monotonic()
+            if lost is not None and lost.is_set() and kill_at is None:
+                timeout = 0  # lost before we looked (its wake-up byte may have been read already): act now
             for sig in self.events.wait(timeout):
                 if sig != signal.SIGCHLD:
                     self.log(f"forwarding signal {sig} to child {self.pid}")
