@@ -1,18 +1,17 @@
 """A thin Consul HTTP client: sessions, KV reads (blocking queries), transactions. Typed errors, no retries.
 
-Built on the standard library's http.client (one keep-alive connection per thread) rather than `requests`:
-importing requests costs ~60 ms and ~8 MiB, most of an uncontended run. Retry policy is the caller's (shim.lock),
+The transport is a minimal HTTP/1.1 client on a socket (one keep-alive connection per thread), not `requests`
+(~60 ms and ~8 MiB to import) nor http.client (~17 ms: it pulls in the email parser and ssl): start-up time is
+most of an uncontended run. Retry policy is the caller's (shim.lock),
 because only the caller knows its deadlines.
 """
 
 import base64
-import http.client
 import json
 import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from urllib.parse import quote, urlencode, urlsplit
 
 from shim.exitcodes import PERMISSION, UNAVAILABLE, ShimError
@@ -41,6 +40,98 @@ class PermissionDenied(HTTPError):
     code = PERMISSION
 
 
+class _Dropped(OSError):
+    """The peer closed a kept-alive connection before answering."""
+
+
+class _Connection:
+    """One HTTP/1.1 keep-alive connection: Content-Length and chunked bodies, nothing more than Consul needs."""
+
+    def __init__(self, host, port, ssl_context=None, server_name=""):
+        self.host, self.port, self.ssl_context, self.server_name = host, port, ssl_context, server_name
+        self.sock = self.reader = None
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = self.reader = None
+
+    def _open(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_name or self.host)
+        self.sock, self.reader = sock, sock.makefile("rb")
+
+    def request(self, method, target, body, headers, timeout):
+        """Return (status, {lower-case header: value}, body bytes). A kept-alive connection that the agent had
+        closed while idle is retried once on a fresh one (the request never reached it)."""
+        head = f"{method} {target} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        payload = body or b""
+        head += f"Content-Length: {len(payload)}\r\n\r\n"
+        message = head.encode("latin-1") + payload
+        for attempt in (1, 2):
+            reused = self.sock is not None
+            if not reused:
+                self._open(timeout)
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.sendall(message)
+                return self._response()
+            except (_Dropped, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if not reused or attempt == 2:
+                    raise _Dropped("connection closed before an answer") from None
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _line(self):
+        line = self.reader.readline(65537)
+        if not line:
+            raise _Dropped("connection closed")
+        return line
+
+    def _response(self):
+        parts = self._line().split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise _Dropped(f"not an HTTP answer: {parts!r}")
+        status = int(parts[1])
+        headers = {}
+        while True:
+            line = self._line()
+            if line in (b"\r\n", b"\n"):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self._line().split(b";")[0], 16)
+                if size == 0:
+                    while self._line() not in (b"\r\n", b"\n"):  # trailers
+                        pass
+                    break
+                chunks.append(self._read(size))
+                self._line()
+            data = b"".join(chunks)
+        else:
+            data = self._read(int(headers.get("content-length", "0")))
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, data
+
+    def _read(self, n):
+        data = self.reader.read(n)
+        if len(data) != n:
+            raise _Dropped("connection closed mid-answer")
+        return data
+
+
 class _Raw:
     """A request body sent as bytes, not JSON (KV values)."""
 
@@ -52,20 +143,16 @@ def _truthy(value):
     return str(value).strip().lower() in ("1", "t", "true", "yes", "on")
 
 
-@dataclass
 class Settings:
-    """Connection settings with the names and precedence of the consul CLI (flags override env)."""
+    """Connection settings with the names and precedence of the consul CLI (flags override env).
 
-    addr: str = DEFAULT_ADDR
-    token: str = ""
-    datacenter: str = ""
-    ssl: bool = False
-    ca_file: str = ""
-    ca_path: str = ""
-    client_cert: str = ""
-    client_key: str = ""
-    verify: bool = True
-    server_name: str = ""
+    A plain class, not a dataclass: `dataclasses` imports `inspect`, ~7 ms of start-up."""
+
+    def __init__(self, addr=DEFAULT_ADDR, token="", datacenter="", ssl=False, ca_file="", ca_path="",
+                 client_cert="", client_key="", verify=True, server_name=""):  # fmt: skip
+        self.addr, self.token, self.datacenter, self.ssl = addr, token, datacenter, ssl
+        self.ca_file, self.ca_path, self.client_cert, self.client_key = ca_file, ca_path, client_cert, client_key
+        self.verify, self.server_name = verify, server_name
 
     @classmethod
     def from_env(cls, env=None, addr=None, token=None, token_file=None, datacenter=None):
@@ -115,7 +202,7 @@ def _split_addr(settings):
 
 
 class Client:
-    def __init__(self, settings: Settings, verbose=False, log=None):
+    def __init__(self, settings, verbose=False, log=None):
         self.settings = settings
         self.scheme, self.host, self.port = _split_addr(settings)
         self.address = f"{self.scheme}://{self.host}:{self.port}"
@@ -140,26 +227,10 @@ class Client:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def _connection(self, timeout):
+    def _connection(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._ssl_context is not None:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._ssl_context)
-                if self.settings.server_name:
-                    # http.client uses the host for SNI and hostname checks; wrap with the server name instead.
-                    ctx, name = self._ssl_context, self.settings.server_name
-
-                    def connect(conn=conn):
-                        http.client.HTTPConnection.connect(conn)
-                        conn.sock = ctx.wrap_socket(conn.sock, server_hostname=name)
-
-                    conn.connect = connect
-            else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            self._local.conn = conn
-        conn.timeout = timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
+            conn = self._local.conn = _Connection(self.host, self.port, self._ssl_context, self.settings.server_name)
         return conn
 
     def close(self):
@@ -184,39 +255,30 @@ class Client:
             headers["X-Consul-Token"] = self.settings.token
         if self.verbose:
             self._log(self._redact(f"-> {method} {url}" + (f" {data.decode()}" if data else "")))
-        for attempt in (1, 2):
-            conn = self._connection(timeout)
-            try:
-                conn.request(method, url, body=data, headers=headers)
-                resp = conn.getresponse()
-                raw = resp.read()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                # A keep-alive connection the agent closed while idle: one immediate retry on a fresh one.
-                self.close()
-                if attempt == 2:
-                    raise Unreachable(f"Consul at {self.address} dropped the connection ({e})") from None
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                reason = "timed out" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or e)
-                raise Unreachable(f"Consul at {self.address} is unreachable: {reason}") from None
+        conn = self._connection()
+        try:
+            status, resp_headers, raw = conn.request(method, url, data, headers, timeout)
+        except _Dropped as e:
+            self.close()
+            raise Unreachable(f"Consul at {self.address} dropped the connection ({e})") from None
+        except OSError as e:
+            self.close()
+            reason = "timed out" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or e)
+            raise Unreachable(f"Consul at {self.address} is unreachable: {reason}") from None
         text = raw.decode("utf-8", "replace")
         if self.verbose:
-            self._log(self._redact(f"<- {resp.status} {text.strip()[:2000]}"))
-        if resp.status == 403:
+            self._log(self._redact(f"<- {status} {text.strip()[:2000]}"))
+        if status == 403:
             raise PermissionDenied(
                 f"Consul at {self.address} denied {method} {path} (ACL): {text.strip()} -- "
                 "check the token (--token, CONSUL_HTTP_TOKEN)",
-                resp.status,
+                status,
                 text,
             )
-        if resp.status >= 400 and not (resp.status == 404 or (resp.status == 409 and path == "/v1/txn")):
-            raise HTTPError(
-                f"Consul at {self.address}: {method} {path} -> {resp.status} {text.strip()}", resp.status, text
-            )
-        ctype = resp.getheader("Content-Type", "")
-        payload = json.loads(text) if text and "json" in ctype else text
-        return resp.status, resp, payload
+        if status >= 400 and not (status == 404 or (status == 409 and path == "/v1/txn")):
+            raise HTTPError(f"Consul at {self.address}: {method} {path} -> {status} {text.strip()}", status, text)
+        payload = json.loads(text) if text and "json" in resp_headers.get("content-type", "") else text
+        return status, resp_headers, payload
 
     # -- sessions ----------------------------------------------------------------------------------------
     def session_create(self, name, ttl, lock_delay, behavior="release", timeout=DEFAULT_REQUEST_TIMEOUT):
@@ -263,8 +325,8 @@ class Client:
         if timeout is None:
             # Consul adds up to wait/16 of jitter to a blocking query.
             timeout = DEFAULT_REQUEST_TIMEOUT + (wait or 0) * 1.1
-        status, resp, payload = self.request("GET", "/v1/kv/" + quote(key, safe="/"), params, timeout=timeout)
-        new_index = int(resp.getheader("X-Consul-Index", "0") or 0)
+        status, headers, payload = self.request("GET", "/v1/kv/" + quote(key, safe="/"), params, timeout=timeout)
+        new_index = int(headers.get("x-consul-index") or 0)
         entries = payload if status == 200 and isinstance(payload, list) else []
         for e in entries:
             e["Value"] = base64.b64decode(e["Value"]) if e.get("Value") else b""

@@ -19,13 +19,10 @@ Safety rules, each of them a reason for code below:
 
 import json
 import os
-import random
 import socket
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from shim import consul
 from shim.duration import format_go
@@ -56,30 +53,26 @@ class NotAcquired(Exception):
     """Raised by held() when the lock was not obtained (--no-wait, timeout, or stop requested)."""
 
 
-@dataclass
 class Options:
-    prefix: str
-    limit: int = 1
-    ttl: float = 15.0
-    lock_delay: float = 15.0
-    session_name: str = ""
-    # While waiting, how long Consul may stay unreachable (consecutively) before acquire() gives up; None: never.
-    unreachable_for: Optional[float] = 10.0
+    """What to lock and how. unreachable_for: while waiting, how long Consul may stay unreachable (in a row)
+    before acquire() gives up; None: never. (Plain classes here: `dataclasses` costs ~7 ms of start-up.)"""
+
+    def __init__(self, prefix, limit=1, ttl=15.0, lock_delay=15.0, session_name="", unreachable_for=10.0):
+        self.prefix, self.limit, self.ttl, self.lock_delay = prefix, limit, ttl, lock_delay
+        self.session_name, self.unreachable_for = session_name, unreachable_for
 
     @property
     def key(self):
         return f"{self.prefix}/{LOCK_KEY}"
 
 
-@dataclass
 class Hold:
     """A granted hold. `index` is the fencing token; `lost` is set (with `lost_reason`) if the hold ends early."""
 
-    key: str
-    session: str
-    index: int
-    lost: threading.Event = field(default_factory=threading.Event)
-    lost_reason: str = ""
+    def __init__(self, key, session, index):
+        self.key, self.session, self.index = key, session, index
+        self.lost = threading.Event()
+        self.lost_reason = ""
 
 
 class Backoff:
@@ -89,7 +82,9 @@ class Backoff:
     def delay(self):
         d = self.next
         self.next = min(self.cap, self.next * 2)
-        return d * random.uniform(0.5, 1.0)  # jitter: contenders that failed together do not retry together
+        # Jitter (from os.urandom: `random` costs start-up time): contenders that failed together do not
+        # retry together.
+        return d * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070)
 
     def reset(self):
         self.next = self.first
@@ -99,23 +94,28 @@ class Locker:
     """One lock (or semaphore slot) for one process. Thread-safe: acquire() may run in a worker thread while
     another thread calls close(). `notify` is called (from any thread) whenever the hold is lost."""
 
-    def __init__(self, client: consul.Client, opts: Options, notify: Callable[[], None] = lambda: None):
+    def __init__(self, client, opts, notify=lambda: None):
         self.client, self.opts, self.notify = client, opts, notify
         self._mutex = threading.Lock()
         self._closed = threading.Event()
         self._session = None
         self._session_gone = False
         self._confirmed_at = 0.0  # monotonic time the last successful renewal (or create) was sent
-        self.hold: Optional[Hold] = None
-        self.unreachable_since: Optional[float] = None
-        self.last_error: Optional[Exception] = None
+        self.hold = None  # the Hold, once granted
+        self.unreachable_since = None  # monotonic time of the first of the current run of failed calls
+        self.last_error = None
         self._value = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
 
     # -- retry policy ------------------------------------------------------------------------------------
-    def _call(self, fn, *args, stop=None, give_up_after=None, **kw):
-        """Call fn, retrying transient Consul errors. PermissionDenied and 4xx are final at once."""
+    def _call(self, fn, *args, stop=None, give_up_after=None, deadline=None, **kw):
+        """Call fn, retrying transient Consul errors. PermissionDenied and 4xx are final at once.
+
+        With a deadline (monotonic time), every attempt's request timeout ends at it and no retry starts after
+        it: a partitioned or frozen agent holds the caller no longer than that."""
         backoff = Backoff()
         while True:
+            if deadline is not None:
+                kw["timeout"] = max(0.05, deadline - time.monotonic())
             try:
                 result = fn(*args, **kw)
                 self.unreachable_since = None
@@ -134,7 +134,10 @@ class Locker:
                 self.unreachable_since = now
             if give_up_after is not None and now - self.unreachable_since >= give_up_after:
                 raise err
-            if (stop or self._closed).wait(backoff.delay()):
+            if deadline is not None and now >= deadline:
+                raise err
+            pause = backoff.delay() if deadline is None else min(backoff.delay(), deadline - now)
+            if (stop or self._closed).wait(pause):
                 raise err
 
     # -- session -----------------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ class Locker:
             self.notify()
 
     # -- acquisition -------------------------------------------------------------------------------------
-    def acquire(self, stop: Optional[threading.Event] = None, deadline: Optional[float] = None, wait=True):
+    def acquire(self, stop=None, deadline=None, wait=True):
         """Block until held; return the Hold, or None when not obtained (wait=False and busy, deadline, stop).
 
         Raises ShimError subclasses for what retrying cannot fix: ACL denial, key conflict, Consul unreachable
@@ -404,6 +407,9 @@ class Locker:
         if sid is None:
             return ""
         warning = ""
+        # The budget bounds the whole of it, hanging requests included (a partition, a frozen agent): the
+        # release may use half, the destroy (which frees the key too) the rest.
+        deadline = time.monotonic() + budget
         try:
             if hold is not None:
                 if self.opts.limit == 1:
@@ -414,22 +420,22 @@ class Locker:
                         LOCK_FLAG,
                         self._value,
                         stop=threading.Event(),
-                        give_up_after=budget,
+                        deadline=deadline - budget / 2,
                     )
                 else:
-                    self._release_semaphore(sid, budget)
+                    self._release_semaphore(sid, deadline - budget / 2)
         except consul.ConsulError as e:
             warning = f"could not release {self.opts.key} ({e}); destroying the session frees it"
         try:
-            self._call(self.client.session_destroy, sid, stop=threading.Event(), give_up_after=budget)
+            self._call(self.client.session_destroy, sid, stop=threading.Event(), deadline=deadline)
         except consul.ConsulError as e:
             warning = f"could not destroy session {sid} ({e}); Consul expires it after the TTL"
         return warning
 
-    def _release_semaphore(self, sid, budget):
+    def _release_semaphore(self, sid, deadline):
         never = threading.Event()
         while True:
-            entries, _ = self._call(self.client.kv_get, self.opts.key, stop=never, give_up_after=budget)
+            entries, _ = self._call(self.client.kv_get, self.opts.key, stop=never, deadline=deadline)
             if not entries:
                 break
             entry = entries[0]
@@ -449,11 +455,11 @@ class Locker:
                 None,
                 int(entry["ModifyIndex"]),
                 stop=never,
-                give_up_after=budget,
+                deadline=deadline,
             )
             if ok is not None:
                 break
-        self._call(self.client.kv_op, "delete", f"{self.opts.prefix}/{sid}", stop=never, give_up_after=budget)
+        self._call(self.client.kv_op, "delete", f"{self.opts.prefix}/{sid}", stop=never, deadline=deadline)
 
 
 def _flags_conflict(key, entry, wanted):
