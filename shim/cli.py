@@ -183,6 +183,8 @@ def parse_args(argv):
         raise UsageError(f"--ttl {format_go(args.ttl)} is outside Consul's range 10s-24h")
     if not 0 <= args.lock_delay <= MAX_LOCK_DELAY:
         raise UsageError(f"--lock-delay {format_go(args.lock_delay)} is outside Consul's range 0s-60s")
+    if args.timeout == 0:  # "do not wait at all": one attempt, like --no-wait
+        args.no_wait, args.timeout = True, None
     if args.shell:
         args.command = ["/bin/sh", "-c", " ".join(args.command)]
     args.prefix = (args.prefix if args.prefix is not None else f"consul-locker/{args.name}").strip("/")

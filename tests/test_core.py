@@ -127,6 +127,13 @@ def test_conflict_exit_code_is_configurable(locker, consul, name):
     consul.api("PUT", f"/v1/session/destroy/{sid}")
 
 
+def test_timeout_zero_means_one_attempt(locker, consul, name):
+    assert locker.run("--timeout", "0", name, "true").returncode == 0
+    sid = hold_key(consul, lock_key(name))
+    assert locker.run("--timeout", "0s", name, "true").returncode == 1
+    consul.api("PUT", f"/v1/session/destroy/{sid}")
+
+
 def test_timeout_gives_up_at_the_deadline_not_later(locker, consul, name):
     sid = hold_key(consul, lock_key(name))
     start = time.monotonic()
