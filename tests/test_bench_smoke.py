@@ -1,0 +1,32 @@
+"""The benchmark script still runs end to end (tiny round counts, no failover). Not a performance test: the
+figures it prints are not checked, only that every figure was measured for both tools."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from consul_agent import ROOT
+
+
+@pytest.mark.timeout(45)
+def test_bench_script_runs_with_tiny_round_counts_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--skip-failover", "--rounds", "2", "--signal-rounds", "2", "--burst", "3"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench.py"), *args, "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,  # the whole run, Consul agent included, takes ~8 s on 2 cores
+    )
+    assert r.returncode == 0, r.stderr
+    assert "consul-locker" in r.stdout and "consul lock" in r.stdout
+    doc = json.loads(out.read_text())
+    metrics = {row["metric"] for row in doc["rows"]}
+    assert metrics == {"handoff", "burst", "uncontended_wall", "uncontended_cpu", "rss", "signal"}
+    for row in doc["rows"]:
+        assert row["values"]["consul-locker"] > 0 and row["values"]["consul-lock"] > 0, row
