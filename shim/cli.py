@@ -65,24 +65,21 @@ def _duration(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _exit_code(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 255:
-        raise argparse.ArgumentTypeError(f"invalid exit code {text!r} (0-255)")
-    return n
+def _int_in(low, high, what):
+    def convert(text):
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r} ({low}-{high})")
+        return n
+
+    return convert
 
 
-def _positive_int(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"invalid limit {text!r} (a whole number >= 1)")
-    return n
+_exit_code = _int_in(0, 255, "exit code")
+_positive_int = _int_in(1, 1_000_000, "limit")
 
 
 def build_parser():

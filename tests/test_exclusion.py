@@ -55,16 +55,22 @@ def test_eight_contenders_never_overlap(locker, consul, name, tmp_path):
     assert_no_session(consul, name)
 
 
+def start_mixed(locker, consul, consul_bin, name, count, child, limit=1):
+    """Start `count` contenders on one prefix, every other one a real `consul lock` (-n limit)."""
+    procs = []
+    for i in range(count):
+        if i % 2:
+            cmd = consul_lock_cmd(consul_bin, consul, name, *child, limit=limit)
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
+        else:
+            procs.append(locker.popen("--limit", limit, name, *child))
+    return procs
+
+
 @pytest.mark.timeout(120)
 def test_mixed_with_consul_lock_never_overlap(locker, consul, consul_bin, name, tmp_path):
     log = tmp_path / "log"
-    procs = []
-    for i in range(8):
-        child = CHILD + [log, "0.05"]
-        if i % 2:
-            procs.append(subprocess.Popen(consul_lock_cmd(consul_bin, consul, name, *child), stdout=subprocess.PIPE))
-        else:
-            procs.append(locker.popen(name, *child))
+    procs = start_mixed(locker, consul, consul_bin, name, 8, CHILD + [log, "0.05"])
     assert wait_all(procs, 110) == [0] * 8
     spans = intervals(log)
     assert len(spans) == 8
@@ -83,14 +89,7 @@ def test_semaphore_allows_exactly_limit_holders(locker, consul, name, tmp_path):
 @pytest.mark.timeout(120)
 def test_semaphore_shares_the_layout_of_consul_lock_n(locker, consul, consul_bin, name, tmp_path):
     log = tmp_path / "log"
-    procs = []
-    for i in range(6):
-        child = CHILD + [log, "5", "2"]
-        if i % 2:
-            cmd = consul_lock_cmd(consul_bin, consul, name, *child, limit=2)
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE))
-        else:
-            procs.append(locker.popen("--limit", "2", name, *child))
+    procs = start_mixed(locker, consul, consul_bin, name, 6, CHILD + [log, "5", "2"], limit=2)
     assert wait_all(procs, 110) == [0] * 6
     assert max_concurrency(intervals(log)) == 2
 
