@@ -10,6 +10,7 @@ from shim import __version__, consul, exitcodes, lock, supervisor
 from shim.duration import format_go
 from shim.duration import parse as parse_duration
 from shim.exitcodes import ShimError
+from shim.log import line as _log
 
 PROG = "consul-locker"
 MIN_TTL, MAX_TTL = 10.0, 86400.0  # Consul's session TTL bounds
@@ -189,10 +190,6 @@ def parse_args(argv):
     return args
 
 
-def _log(line):
-    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     verbose = bool(os.environ.get("DEBUG"))
@@ -207,7 +204,10 @@ def main(argv=None):
         if verbose:
             import traceback
 
-            traceback.print_exc()
+            try:
+                traceback.print_exc()
+            except OSError:
+                pass
         _log(f"internal error: {type(e).__name__}: {e}")
         return exitcodes.INTERNAL
 
@@ -250,7 +250,6 @@ def run(args):
         hold = outcome
         if log:
             log(f"lock {hold.key} held by session {hold.session}, fencing index {hold.index}")
-        locker.start_monitor()
         env = dict(
             os.environ,
             CONSUL_LOCK_HELD="true",
@@ -259,7 +258,7 @@ def run(args):
             CONSUL_LOCK_INDEX=str(hold.index),
         )
         status = supervisor.Supervisor(events, args.kill_timeout, args.process_group, log).run(
-            args.command, env, lost=hold.lost
+            args.command, env, lost=hold.lost, started=locker.start_monitor
         )
         if hold.lost.is_set():
             _log(f"error: lock lost while the child ran ({hold.lost_reason}); the child was terminated")

@@ -10,11 +10,11 @@ import base64
 import json
 import os
 import socket
-import sys
 import threading
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from shim.exitcodes import PERMISSION, UNAVAILABLE, ShimError
+from shim.log import line as say
 
 DEFAULT_ADDR = "http://127.0.0.1:8500"
 # How long a plain (non-blocking) request may take before we call the agent unreachable.
@@ -201,13 +201,43 @@ def _split_addr(settings):
     return parts.scheme, parts.hostname, port
 
 
+def _needed_permission(method, path, body):
+    """The ACL rule a denied request needs, in Consul's policy language (for the one-line error)."""
+    if path.startswith("/v1/session/"):
+        return 'session write on this agent\'s node (session_prefix "" { policy = "write" })'
+    if path.startswith("/v1/kv/"):
+        keys = [unquote(path[len("/v1/kv/") :])]
+        access = "read" if method == "GET" else "write"
+    elif path == "/v1/txn" and isinstance(body, list):
+        keys = sorted({op["KV"]["Key"] for op in body if "KV" in op})
+        access = "write"
+    else:
+        return "a permission this request needs"
+    # The rule is for the key's folder: a semaphore (--limit N) writes contender keys beside .lock.
+    rules = {f'key_prefix "{k.rsplit("/", 1)[0] + "/" if "/" in k else k}" {{ policy = "{access}" }}' for k in keys}
+    return f"key {access} on {', '.join(keys)} ({'; '.join(sorted(rules))})"
+
+
+def _raise_if_certificate_refused(error, address):
+    """A certificate that does not verify (or that the agent refuses) is a set-up error, not a transient one:
+    raise a final ConsulError (exit 69 at once) instead of an Unreachable that would be retried."""
+    import ssl
+
+    if isinstance(error, ssl.SSLError) and "CERTIFICATE" in str(error.reason or "").upper():
+        detail = getattr(error, "verify_message", "") or error.reason
+        raise ConsulError(
+            f"TLS with Consul at {address} failed, certificate refused ({detail}) -- check CONSUL_CACERT, "
+            "CONSUL_CAPATH, CONSUL_TLS_SERVER_NAME, CONSUL_CLIENT_CERT/KEY (or CONSUL_HTTP_SSL_VERIFY=false)"
+        ) from None
+
+
 class Client:
     def __init__(self, settings, verbose=False, log=None):
         self.settings = settings
         self.scheme, self.host, self.port = _split_addr(settings)
         self.address = f"{self.scheme}://{self.host}:{self.port}"
         self.verbose = verbose
-        self._log = log or (lambda line: print(f"consul-locker: {line}", file=sys.stderr, flush=True))
+        self._log = log or say
         self._local = threading.local()
         self._ssl_context = self._make_ssl_context() if self.scheme == "https" else None
 
@@ -263,22 +293,33 @@ class Client:
             raise Unreachable(f"Consul at {self.address} dropped the connection ({e})") from None
         except OSError as e:
             self.close()
+            if self._ssl_context is not None:
+                _raise_if_certificate_refused(e, self.address)
             reason = "timed out" if isinstance(e, socket.timeout) else (getattr(e, "strerror", None) or e)
             raise Unreachable(f"Consul at {self.address} is unreachable: {reason}") from None
         text = raw.decode("utf-8", "replace")
         if self.verbose:
             self._log(self._redact(f"<- {status} {text.strip()[:2000]}"))
         if status == 403:
-            raise PermissionDenied(
-                f"Consul at {self.address} denied {method} {path} (ACL): {text.strip()} -- "
-                "check the token (--token, CONSUL_HTTP_TOKEN)",
-                status,
-                text,
-            )
+            raise self._denied(method, path, body, text)
         if status >= 400 and not (status == 404 or (status == 409 and path == "/v1/txn")):
             raise HTTPError(f"Consul at {self.address}: {method} {path} -> {status} {text.strip()}", status, text)
         payload = json.loads(text) if text and "json" in resp_headers.get("content-type", "") else text
         return status, resp_headers, payload
+
+    def _denied(self, method, path, body, text):
+        if not self.settings.token:
+            given = "no token given (anonymous)"
+        elif "ACL not found" in text:
+            given = "the token given is unknown to Consul"
+        else:
+            given = "the token given"
+        return PermissionDenied(
+            f"Consul ACL denied {method} {path} ({text.strip()}): {given}; it needs "
+            f"{_needed_permission(method, path, body)} -- set it with --token, --token-file or CONSUL_HTTP_TOKEN",
+            403,
+            text,
+        )
 
     # -- sessions ----------------------------------------------------------------------------------------
     def session_create(self, name, ttl, lock_delay, behavior="release", timeout=DEFAULT_REQUEST_TIMEOUT):
@@ -337,7 +378,11 @@ class Client:
         status, _, payload = self.request("PUT", "/v1/txn", body=ops, timeout=timeout)
         if status == 200:
             return True, payload.get("Results") or []
-        return False, (payload or {}).get("Errors") or []
+        errors = (payload or {}).get("Errors") or []
+        denied = [e for e in errors if "Permission denied" in str(e.get("What", ""))]
+        if denied:  # an ACL refusal comes as 409 with per-operation errors, not as a 403
+            raise self._denied("PUT", "/v1/txn", ops, denied[0]["What"])
+        return False, errors
 
     def kv_op(self, verb, key, value=b"", flags=0, session=None, index=None, timeout=DEFAULT_REQUEST_TIMEOUT):
         """One KV operation as a transaction: returns (entry, None) on success, (None, error text) otherwise."""

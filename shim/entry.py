@@ -1,16 +1,21 @@
 """Process entry point. Kept tiny on purpose: it blocks signals before anything heavy is imported.
 
-Between the exec of the interpreter and this function there is an unavoidable window (interpreter start-up,
-~20 ms) in which a SIGTERM kills us with the default action; that is harmless, since no session and no child
-exist yet. From the first line of main() on, every catchable signal is blocked (held pending, not lost) until
-the event loop in shim.supervisor installs its handlers and unblocks them.
+Between the exec of the interpreter and the first line of main() there is an unavoidable window (interpreter
+start-up, ~20 ms measured, see README "Running as PID 1") in which every signal has its default disposition.
+Not PID 1: a SIGTERM/SIGINT/SIGHUP/SIGQUIT then kills us at once, which is harmless, since no session and no child
+exist yet. As PID 1 of a PID namespace the kernel discards such a signal (init is protected from signals it has
+no handler for), so a stop request in that window is lost; the runtime's SIGKILL after its grace period ends us.
+From the first line of main() on, every catchable signal is blocked (held pending, never discarded, even as
+PID 1) until the event loop in shim.supervisor installs its handlers and unblocks them.
 """
 
-import signal
+# The C module behind `signal`: it is built into the interpreter, whereas `import signal` loads `enum` and costs
+# ~2 ms inside the window above.
+import _signal
 
 
 def main(argv=None):
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals() - {_signal.SIGKILL, _signal.SIGSTOP})
     from shim.cli import main as cli_main
 
     return cli_main(argv)

@@ -101,6 +101,7 @@ class Locker:
         self._session = None
         self._session_gone = False
         self._confirmed_at = 0.0  # monotonic time the last successful renewal (or create) was sent
+        self._creating = None  # while a session create is in flight: an Event, set once its outcome is settled
         self.hold = None  # the Hold, once granted
         self.unreachable_since = None  # monotonic time of the first of the current run of failed calls
         self.last_error = None
@@ -144,23 +145,34 @@ class Locker:
     def _create_session(self, stop):
         name = self.opts.session_name or f"consul-locker {self.opts.prefix} on {socket.gethostname()} pid {os.getpid()}"
         behavior = "release" if self.opts.limit == 1 else "delete"  # as `consul lock` / `consul lock -n`
-        sent = time.monotonic()
-        sid = self._call(
-            self.client.session_create,
-            name,
-            format_go(self.opts.ttl),
-            format_go(self.opts.lock_delay),
-            behavior,
-            stop=stop,
-            give_up_after=self.opts.unreachable_for,
-        )
+        settled = threading.Event()
         with self._mutex:
-            closed = self._closed.is_set()
-            if not closed:
-                self._session, self._session_gone, self._confirmed_at = sid, False, sent
-        if closed:  # close() ran while we were creating it: nobody else will destroy this session
-            self.client.session_destroy(sid)
-            return None
+            if self._closed.is_set():
+                return None
+            self._creating = settled
+        try:
+            sent = time.monotonic()
+            sid = self._call(
+                self.client.session_create,
+                name,
+                format_go(self.opts.ttl),
+                format_go(self.opts.lock_delay),
+                behavior,
+                stop=stop,
+                give_up_after=self.opts.unreachable_for,
+            )
+            with self._mutex:
+                closed = self._closed.is_set()
+                if not closed:
+                    self._session, self._session_gone, self._confirmed_at = sid, False, sent
+            if closed:  # close() ran meanwhile and waits (on `settled`) for us to destroy this session
+                try:
+                    self.client.session_destroy(sid)
+                except consul.ConsulError:
+                    pass  # close() reports it: `settled` is set, but the session may outlive us until its TTL
+                return None
+        finally:
+            settled.set()
         if self.opts.limit > 1:
             contender = f"{self.opts.prefix}/{sid}"
             _, err = self._call(
@@ -188,9 +200,11 @@ class Locker:
                 return
             sent = time.monotonic()
             try:
-                alive = self.client.session_renew(
-                    sid, timeout=max(0.2, min(consul.DEFAULT_REQUEST_TIMEOUT, fence_at - sent))
-                )
+                # While held, a renewal may not wait past the fence; while waiting there is nothing to fence.
+                limit = consul.DEFAULT_REQUEST_TIMEOUT
+                if self.hold is not None:
+                    limit = max(0.2, min(limit, fence_at - sent))
+                alive = self.client.session_renew(sid, timeout=limit)
             except consul.ConsulError as e:  # transient or not, we just could not confirm the session
                 self.last_error = e
                 now = time.monotonic()
@@ -403,8 +417,12 @@ class Locker:
             if self._closed.is_set():
                 return ""
             self._closed.set()
-            sid, hold = self._session, self.hold
+            sid, hold, creating = self._session, self.hold, self._creating
         if sid is None:
+            # A session create may be in flight (a stop signal right after start): wait, within the budget, for
+            # its requester to destroy what it created, instead of exiting and leaving that session to its TTL.
+            if creating is not None and not creating.wait(budget):
+                return "a session being created when we stopped may stay in Consul until its TTL expires"
             return ""
         warning = ""
         # The budget bounds the whole of it, hanging requests included (a partition, a frozen agent): the

@@ -14,11 +14,16 @@ import signal
 import time
 
 from shim.exitcodes import NOT_EXECUTABLE, NOT_FOUND, SIGNAL_BASE, ShimError
+from shim.log import line as say
 
 # Every signal a process can catch. SIGKILL/SIGSTOP cannot be caught; 32 and 33 are glibc's own (NPTL).
 CATCHABLE = frozenset(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33))
 # Signals that end the wait for the lock (no child yet): the ones a supervisor sends to stop a service.
 STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# A forwarded SIGTERM is a request to stop (docker stop, systemctl stop, the kubelet): if the child is still there
+# --kill-timeout later, it gets SIGKILL. Every other forwarded signal (HUP often means "reload", INT and QUIT are
+# the child's to interpret, USR1...) is only passed on and starts no timer.
+ESCALATED = signal.SIGTERM
 # While leftover descendants exit, how often the tree is re-read (grandchildren send us no SIGCHLD).
 TREE_RECHECK = 0.02
 
@@ -184,9 +189,18 @@ def _has_children():
     return True
 
 
+def proc_is_ours():
+    """Whether /proc shows our own PID namespace. `unshare --pid --fork` without --mount-proc keeps the host's
+    /proc, where "PID 1" is the host's init and its descendants are the whole machine: we must not walk that."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
 def _descendants():
     """Every live process below us (psutil is imported here: most runs leave no descendants to look at)."""
-    if not _has_children():
+    if not _has_children() or not proc_is_ours():
         return []
     import psutil
 
@@ -214,6 +228,13 @@ def _signal_procs(procs, sig):
             pass
 
 
+def _terminate_procs(procs):
+    """SIGTERM, then SIGCONT: a stopped process (SIGSTOP, a forwarded SIGTSTP) would otherwise hold the TERM
+    pending and be killed only at the SIGKILL deadline, without its chance to clean up."""
+    _signal_procs(procs, signal.SIGTERM)
+    _signal_procs(procs, signal.SIGCONT)
+
+
 class Supervisor:
     """Run one child to its end and leave no process behind. The caller owns Events and the lock."""
 
@@ -221,7 +242,7 @@ class Supervisor:
         self.events = events
         self.kill_timeout = kill_timeout
         self.process_group = process_group
-        self.log = log or (lambda line: None)
+        self.log = log or (lambda line: None)  # shim.log.line from the CLI: it never raises
         self.pid = None
 
     def _forward(self, sig):
@@ -231,30 +252,58 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
-    def run(self, argv, env, lost=None):
+    def run(self, argv, env, lost=None, started=None):
         """Spawn argv and supervise it. `lost` (a threading.Event) set from another thread, with an
-        events.notify(), makes the whole tree be terminated at once. Returns the child's wait status."""
+        events.notify(), makes the whole tree be terminated at once. `started` is called once the child exists;
+        if it fails, the tree is killed. Returns the child's wait status."""
         self.pid = spawn(argv, env, self.process_group)
+        try:
+            if started is not None:
+                # Called after the fork, not before: Thread.start() (the lock monitor) waits for the new thread to
+                # run, and its first request competes for the GIL; before the fork that delayed the child by ms.
+                started()
+            return self._supervise(argv, lost)
+        except BaseException:
+            # A bug, or a failure nobody foresaw, must not end with the caller releasing the lock under a live
+            # tree: kill all of it, and wait for it, first.
+            self._kill_tree()
+            raise
+
+    def _supervise(self, argv, lost):
         self.log(f"child pid {self.pid} started: {argv!r}")
-        status, kill_at, killed = None, None, False
-        while status is None:
+        if not proc_is_ours():
+            say(
+                "warning: /proc belongs to another PID namespace (mount a fresh one, e.g. unshare "
+                "--mount-proc): descendants left by the child cannot be found, only reaped"
+            )
+        status, kill_at, killed, terminating = None, None, False, False
+        while True:
             timeout = None if kill_at is None or killed else kill_at - time.monotonic()
-            if lost is not None and lost.is_set() and kill_at is None:
+            if lost is not None and lost.is_set() and not terminating:
                 timeout = 0  # lost before we looked (its wake-up byte may have been read already): act now
+            # Forward before reaping: until reap_all() has collected it, the child's PID is still ours (at worst
+            # a zombie), so no signal can reach a recycled PID.
             for sig in self.events.wait(timeout):
-                if sig != signal.SIGCHLD:
-                    self.log(f"forwarding signal {sig} to child {self.pid}")
-                    self._forward(sig)
+                if sig == signal.SIGCHLD:
+                    continue
+                self.log(f"forwarding signal {sig} to child {self.pid}")
+                self._forward(sig)
+                if sig == ESCALATED and kill_at is None:
+                    kill_at = time.monotonic() + self.kill_timeout
             status = reap_all(self.pid)
             if status is not None:
                 break
-            if lost is not None and lost.is_set() and kill_at is None:
+            if lost is not None and lost.is_set() and not terminating:
                 # Lost lock: the whole tree at once, so all of it is gone within kill-timeout of detection.
                 self.log("lock lost: terminating the child and its descendants")
+                terminating = True
                 self._forward(signal.SIGTERM)
-                _signal_procs(_descendants(), signal.SIGTERM)
-                kill_at = time.monotonic() + self.kill_timeout
-            elif kill_at is not None and not killed and time.monotonic() >= kill_at:
+                self._forward(signal.SIGCONT)
+                _terminate_procs([p for p in _descendants() if p.pid != self.pid])
+                deadline = time.monotonic() + self.kill_timeout
+                kill_at = deadline if kill_at is None else min(kill_at, deadline)
+            if kill_at is not None and not killed and time.monotonic() >= kill_at:
+                self.log(f"child {self.pid} still running {self.kill_timeout}s after SIGTERM: SIGKILL")
                 self._forward(signal.SIGKILL)
                 _signal_procs(_descendants(), signal.SIGKILL)
                 killed = True
@@ -262,6 +311,21 @@ class Supervisor:
         self.pid = None
         self.clean_tree(kill_at)
         return status
+
+    def _kill_tree(self):
+        """SIGKILL the child and every descendant; return once they are reaped (or kill-timeout has passed: a
+        process stuck in the kernel cannot be waited for forever)."""
+        if self.pid is not None:
+            self._forward(signal.SIGKILL)
+        give_up_at = time.monotonic() + self.kill_timeout
+        while True:
+            procs = _descendants()
+            _signal_procs(procs, signal.SIGKILL)
+            if reap_all(self.pid) is not None:
+                self.pid = None
+            if not procs or time.monotonic() >= give_up_at:
+                return
+            time.sleep(TREE_RECHECK)
 
     def clean_tree(self, kill_at=None):
         """TERM every remaining descendant, KILL what is left at kill_at (default now + kill-timeout), and
@@ -279,7 +343,7 @@ class Supervisor:
             if time.monotonic() >= kill_at:
                 _signal_procs(procs, signal.SIGKILL)
             else:
-                _signal_procs([p for p in procs if p not in termed], signal.SIGTERM)
+                _terminate_procs([p for p in procs if p not in termed])
                 termed.update(procs)  # psutil.Process compares by pid and create time
             self.events.wait(min(TREE_RECHECK, max(0.0, kill_at - time.monotonic())) or TREE_RECHECK)
             reap_all()
