@@ -172,7 +172,9 @@ def test_process_group_option_forwards_to_the_childs_whole_group(consul, name, p
 
 @pytest.mark.timeout(30)
 def test_sigtstp_stops_the_child_but_never_the_shim(consul, name):
-    p = start(consul, name, "sleep", "300")
+    # A process group of its own whose leader's parent (pytest) is in another group of the same session: not an
+    # orphaned group, in which the kernel would discard SIGTSTP's stop (as when pytest itself runs detached).
+    p = start(consul, name, "sleep", "300", process_group=0)
     child = child_of(p.pid, "sleep")
     shim = psutil.Process(p.pid)
     os.kill(p.pid, signal.SIGTSTP)
