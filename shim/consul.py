@@ -13,6 +13,7 @@ import socket
 import threading
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
+from shim import sigpipe
 from shim.exitcodes import PERMISSION, UNAVAILABLE, ShimError
 from shim.log import line as say
 
@@ -79,7 +80,7 @@ class _Connection:
                 self._open(timeout)
             self.sock.settimeout(timeout)
             try:
-                self.sock.sendall(message)
+                sigpipe.call(self.sock.sendall, message)
                 return self._response()
             except (_Dropped, BrokenPipeError, ConnectionResetError):
                 self.close()

@@ -2,11 +2,13 @@
 
 import sys
 
+from shim import sigpipe
+
 
 def line(text):
     """Write `consul-locker: TEXT` on stderr. Never raises: a closed stderr (EPIPE from `| head`, a restarted log
     collector) must change nothing we do, least of all the supervision of a running child or the release."""
     try:
-        print(f"consul-locker: {text}", file=sys.stderr, flush=True)
+        sigpipe.call(print, f"consul-locker: {text}", file=sys.stderr, flush=True)
     except OSError:
         pass

@@ -310,7 +310,8 @@ def test_broken_stderr_neither_cuts_supervision_short_nor_leaves_the_session(con
     # collector) every write fails with EPIPE. The child must still be supervised to its end, its tree cleaned,
     # its exit code returned and the session destroyed.
     ready, marker = tmp_path / "ready", f"{300 + time.time() % 1:.6f}"
-    script = 'setsid sleep "$2" & trap "exit 7" USR1; trap "" PIPE; touch "$1"; sleep 300 & wait'
+    # The child keeps SIGPIPE's default action: the SIGPIPEs our own failed writes raise must not reach it.
+    script = 'setsid sleep "$2" & trap "exit 7" USR1; touch "$1"; sleep 300 & wait'
     p = start(consul, "-v", name, "sh", "-c", script, "child", ready, marker)
     wait_file(ready)
     p.stderr.close()  # the reader goes away: the shim's next log line (forwarding USR1) meets EPIPE
