@@ -108,8 +108,11 @@ class Agent:
                 leader = self.api("GET", "/v1/status/leader")
                 if not leader:
                     return False
-                # A leader exists; make sure the KV store answers writes too (dev agents need a moment).
+                # A leader exists; make sure the KV store answers writes and sessions can be made: a fresh agent
+                # answers 500 "Missing node registration" to a session create until its node is in the catalog.
                 self.api("PUT", "/v1/kv/_consul_locker_ready", b"1")
+                sid = self.api("PUT", "/v1/session/create", {"Name": "readiness probe", "TTL": "10s"})["ID"]
+                self.api("PUT", f"/v1/session/destroy/{sid}")
                 return True
             except (OSError, urllib.error.URLError, ValueError):
                 return False

@@ -149,9 +149,11 @@ def test_timeout_gives_up_at_the_deadline_not_later(locker, consul, name):
 def test_waiter_runs_as_soon_as_the_holder_releases(locker, consul, name, tmp_path):
     sid = hold_key(consul, lock_key(name))
     ran = tmp_path / "ran"
-    p = locker.popen(name, "touch", str(ran))
-    wait_until(lambda: sessions_for(consul, name), 15, message="waiter's session")
-    time.sleep(0.3)  # not synchronisation: gives a broken waiter the chance to run the command early
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        p = locker.popen("-v", name, "touch", str(ran), stderr=err)
+    # The waiter has seen the key held and blocks on it: its -v log shows a blocking query (?index=) on the key.
+    wait_until(lambda: "index=" in log.read_text(), 15, message="the waiter's blocking query")
     assert not ran.exists()
     consul.api("PUT", f"/v1/kv/{lock_key(name)}?release={sid}&flags={LOCK_FLAG}")
     assert p.wait(15) == 0
