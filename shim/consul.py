@@ -336,19 +336,12 @@ class Client:
     def session_destroy(self, session, timeout=DEFAULT_REQUEST_TIMEOUT):
         self.request("PUT", f"/v1/session/destroy/{session}", timeout=timeout)
 
-    def session_info(self, session):
-        status, _, payload = self.request("GET", f"/v1/session/info/{session}")
-        return payload[0] if status == 200 and payload else None
-
     # -- KV ----------------------------------------------------------------------------------------------
     def kv_release(self, key, session, flags, value=b"", timeout=DEFAULT_REQUEST_TIMEOUT):
         """PUT ?release=: frees the key only if `session` holds it. Returns Consul's true/false."""
         params = {"release": session, "flags": str(flags)}
-        _, _, payload = self._put_raw("/v1/kv/" + quote(key, safe="/"), params, value, timeout)
+        _, _, payload = self.request("PUT", "/v1/kv/" + quote(key, safe="/"), params, body=_Raw(value), timeout=timeout)
         return payload is True
-
-    def _put_raw(self, path, params, value, timeout):
-        return self.request("PUT", path, params, body=_Raw(value), timeout=timeout)
 
     def kv_get(self, key, index=None, wait=None, recurse=False, consistent=False, timeout=None):
         """Read a key (or a prefix with recurse). With index and wait, a blocking query.

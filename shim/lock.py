@@ -282,9 +282,7 @@ class Locker:
             stop=stop,
             give_up_after=self.opts.unreachable_for,
         )
-        if index is not None and new_index < index:
-            new_index = 0  # the index went backwards (agent restarted, snapshot restore): start over
-        return entries, new_index
+        return entries, _next_index(index, new_index)
 
     def _grant(self, verb, key, value, flags, index, stop):
         """Write the granting operation under the mutex, so close() never races a grant it cannot see.
@@ -405,7 +403,7 @@ class Locker:
             if not self._still_ours(entries):
                 self._lose(f"the lock key {self.opts.key} is no longer held by this session")
                 return
-            index = new_index if not index or new_index >= index else 0
+            index = _next_index(index, new_index)
 
     # -- release -----------------------------------------------------------------------------------------
     def close(self, budget=5.0):
@@ -478,6 +476,12 @@ class Locker:
             if ok is not None:
                 break
         self._call(self.client.kv_op, "delete", f"{self.opts.prefix}/{sid}", stop=never, deadline=deadline)
+
+
+def _next_index(old, new):
+    """The index for the next blocking query: 0 (start over) when it went backwards (agent restarted, snapshot
+    restored), as Consul's blocking-query documentation asks."""
+    return 0 if old and new < old else new
 
 
 def _flags_conflict(key, entry, wanted):
