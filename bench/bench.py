@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from consul_agent import Agent, consul_binary, wait_until  # noqa: E402
+from lib.consul_agent import Agent, consul_binary, wait_until  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # How long a waiter is given, after its session exists, to reach its blocking query on the held key.

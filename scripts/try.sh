@@ -10,7 +10,7 @@ bash scripts/setup.sh
 exec .venv/bin/python - "$@" <<'PY'
 import os, subprocess, sys
 sys.path.insert(0, "tests")
-from consul_agent import Agent
+from lib.consul_agent import Agent
 
 agent = Agent("try").start()
 try:

@@ -6,7 +6,8 @@ import time
 import uuid
 
 import pytest
-from helpers import Agent, free_port, lock_key, locker_env, sessions_named
+from lib.consul_agent import Agent, free_port
+from lib.locker import lock_key, locker_env, sessions_named
 
 PERMISSION, UNAVAILABLE = 77, 69
 MASTER = str(uuid.uuid4())

@@ -3,7 +3,8 @@
 import time
 
 import pytest
-from helpers import assert_no_session, free_port, locker_env, sessions_named
+from lib.consul_agent import free_port
+from lib.locker import assert_no_session, locker_env, sessions_named
 
 
 def one_line_error(r):
@@ -51,7 +52,7 @@ def test_names_needing_url_encoding_work_and_map_to_their_key(locker, consul, od
 
 
 def test_unreachable_consul_exits_69_naming_the_address(consul, name):
-    from conftest import Runner
+    from lib.locker import Runner
 
     port = free_port()
     env = locker_env(consul, CONSUL_HTTP_ADDR=f"127.0.0.1:{port}")
@@ -64,7 +65,7 @@ def test_unreachable_consul_exits_69_naming_the_address(consul, name):
 
 
 def test_unreachable_consul_without_timeout_gives_up_after_a_bounded_wait(consul, name):
-    from conftest import Runner
+    from lib.locker import Runner
 
     env = locker_env(consul, CONSUL_HTTP_ADDR=f"http://127.0.0.1:{free_port()}")
     r = Runner(consul).run(name, "true", env=env, timeout=40)

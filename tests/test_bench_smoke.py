@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from consul_agent import ROOT
+from lib.consul_agent import ROOT
 
 
 @pytest.mark.timeout(45)

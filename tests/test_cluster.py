@@ -3,8 +3,9 @@
 import time
 
 import pytest
-from faultproxy import Child, Watched
-from helpers import LOCKER, Agent, lock_key, locker_env, wait_until
+from lib.consul_agent import Agent, wait_until
+from lib.faultproxy import Child, Watched
+from lib.locker import LOCKER, lock_key, locker_env
 
 TTL = 10.0
 

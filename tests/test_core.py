@@ -5,7 +5,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import assert_no_session, lock_key, wait_until
+from lib.consul_agent import wait_until
+from lib.locker import assert_no_session, lock_key
 
 LOCK_FLAG = 0x2DDCCBC058A50C18  # the Flags value of `consul lock` keys
 
@@ -205,7 +206,7 @@ def test_stop_signal_while_waiting_exits_128_plus_n_without_running(locker, cons
 
 
 def test_debug_output_never_shows_the_token(locker, consul, name):
-    from helpers import locker_env
+    from lib.locker import locker_env
 
     secret = "5a1e8d2c-0000-4000-8000-7e57c0ffee00"
     r = locker.run(name, "true", env=locker_env(consul, DEBUG="1", CONSUL_HTTP_TOKEN=secret))

@@ -17,8 +17,8 @@ import sys
 import tempfile
 
 import pytest
-from consul_agent import ROOT
-from helpers import assert_no_session, lock_key
+from lib.consul_agent import ROOT
+from lib.locker import assert_no_session, lock_key
 
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # the python image's PATH

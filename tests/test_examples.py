@@ -11,9 +11,8 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import LOCKER
-from consul_agent import ROOT, consul_binary
-from helpers import assert_no_session, locker_env, wait_until
+from lib.consul_agent import ROOT, consul_binary, wait_until
+from lib.locker import LOCKER, assert_no_session, locker_env
 
 from shim import cli
 from shim.duration import parse as parse_duration

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_no_session
+from lib.locker import assert_no_session
 
-CHILD = [sys.executable, str(Path(__file__).with_name("cs_child.py"))]
+CHILD = [sys.executable, str(Path(__file__).parent / "lib" / "cs_child.py")]
 
 
 def intervals(log):
@@ -96,7 +96,8 @@ def test_semaphore_shares_the_layout_of_consul_lock_n(locker, consul, consul_bin
 
 def test_lock_and_semaphore_on_one_prefix_conflict_clearly(locker, consul, name, tmp_path):
     p = locker.popen(name, "sleep", "30")
-    from helpers import lock_key, wait_until
+    from lib.consul_agent import wait_until
+    from lib.locker import lock_key
 
     wait_until(lambda: (consul.kv(lock_key(name)) or {}).get("Session"), 15, message="holder")
     r = locker.run("--limit", "2", name, "true")
@@ -108,7 +109,7 @@ def test_lock_and_semaphore_on_one_prefix_conflict_clearly(locker, consul, name,
 
 def test_semaphore_limit_mismatch_is_a_conflict(locker, consul, name):
     p = locker.popen("--limit", "2", name, "sleep", "30")
-    from helpers import wait_until
+    from lib.consul_agent import wait_until
 
     wait_until(lambda: consul.kv(f"consul-locker/{name}/.lock"), 15, message="semaphore holder")
     r = locker.run("--limit", "3", name, "true")

@@ -5,8 +5,9 @@ import signal
 import time
 
 import pytest
-from faultproxy import Child, FaultProxy, Watched
-from helpers import LOCKER, Agent, assert_no_session, lock_key, locker_env, wait_until
+from lib.consul_agent import Agent, wait_until
+from lib.faultproxy import Child, FaultProxy, Watched
+from lib.locker import LOCKER, assert_no_session, lock_key, locker_env
 
 LOCK_LOST = 75
 TTL = 10.0  # Consul's smallest session TTL

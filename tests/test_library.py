@@ -4,7 +4,7 @@ import subprocess
 import threading
 
 import pytest
-from helpers import LOCKER, assert_no_session, locker_env
+from lib.locker import LOCKER, assert_no_session, locker_env
 
 from shim import consul as consul_api
 from shim.lock import NotAcquired, held

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from consul_agent import ROOT, free_port
+from lib.consul_agent import ROOT, free_port
 
 EXAMPLE = os.path.join(ROOT, "examples", "mongodb")
 BOOTSTRAP = os.path.join(EXAMPLE, "bootstrap.py")

@@ -13,8 +13,8 @@ import sys
 import threading
 
 import pytest
-from consul_agent import ROOT, free_port
-from helpers import LOCKER, assert_no_session, locker_env, wait_until
+from lib.consul_agent import ROOT, free_port, wait_until
+from lib.locker import LOCKER, assert_no_session, locker_env
 from test_mongodb_bootstrap import BOOTSTRAP, bs
 
 CHECK_STATUS = {0: "passing", 1: "warning"}  # anything else: critical

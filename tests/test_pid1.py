@@ -14,7 +14,8 @@ import time
 
 import psutil
 import pytest
-from helpers import assert_no_session, lock_key, locker_env, wait_until
+from lib.consul_agent import wait_until
+from lib.locker import assert_no_session, lock_key, locker_env
 from test_signals import exists, finish, signal_state, start, wait_file
 
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]

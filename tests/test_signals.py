@@ -14,7 +14,8 @@ import time
 
 import psutil
 import pytest
-from helpers import LOCKER, assert_no_session, lock_key, locker_env, sessions_named, wait_until
+from lib.consul_agent import wait_until
+from lib.locker import LOCKER, assert_no_session, lock_key, locker_env, sessions_named
 
 from shim.lock import LOCK_FLAG
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from helpers import LOCKER, lock_key, locker_env, sessions_named
+from lib.locker import LOCKER, lock_key, locker_env, sessions_named
 
 LOCKERS, CONSUL_LOCKS = 7, 3  # contenders of each kind, always relaunched
 SECTIONS = 200  # critical sections at least

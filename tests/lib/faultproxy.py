@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from consul_agent import wait_until
+from lib.consul_agent import wait_until
 
 
 class FaultProxy:
