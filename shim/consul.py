@@ -47,7 +47,6 @@ from urllib3.util import connection as urllib3_connection
 
 from shim import __version__
 from shim.errors import BadAnswer, ConsulError, HTTPError, PermissionDenied, Unreachable, UsageError
-from shim.log import say
 
 __all__ = ["DEFAULT_ADDR", "DEFAULT_REQUEST_TIMEOUT", "Settings", "Client", "ConsulError", "Unreachable",
            "HTTPError", "PermissionDenied", "BadAnswer"]  # fmt: skip
@@ -457,6 +456,12 @@ def _one_line(text, limit=300):
 # -- client --------------------------------------------------------------------------------------------------
 
 
+def _say(text):
+    from shim.log import say  # looked up when first needed: importing this module needs nothing of shim.log
+
+    say(text)
+
+
 class Client:
     """Talks to one Consul agent. Safe to share between threads (each thread gets its own requests.Session)."""
 
@@ -465,7 +470,7 @@ class Client:
         endpoint, proxy = settings.check()
         self.endpoint = endpoint
         self.verbose = verbose
-        self._log = log or say
+        self._log = log or _say
         if endpoint.socket_path:
             self.address = f"unix://{endpoint.socket_path}"
             self._base = "http://localhost"
