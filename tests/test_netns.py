@@ -1,0 +1,487 @@
+"""Node faults on a real Consul cluster, each node its own network namespace, judged by a fenced resource.
+
+Three Consul servers and three client agents, each in its own network namespace (tests/lib/netns.py). On each client
+node consul-locker runs in a loop against its local agent, twice: a lock and a `--limit 2` semaphore. Every child
+enters a fenced resource (tests/lib/fenced.py) with its CONSUL_LOCK_INDEX, writes for a random 0.1-1 s, exits. A
+nemesis makes the failures of machines, one at a time, on a bounded schedule:
+
+    cut>ttl        the lock holder's node loses the Consul network for longer than the TTL
+    cut<ttl        ... for less than the TTL
+    leader-cut     the Raft leader loses the network
+    leader-kill    the Raft leader is SIGKILLed, then restarted with its data
+    agent-freeze   the lock holder's Consul agent is SIGSTOPped for longer than the TTL
+    holder-pause   a holding consul-locker and its child are SIGSTOPped together until someone else holds (a paused
+                   machine): resumed, the child writes, and only the fencing token can stop that write
+
+The checker (lib.fenced.check) reads the resource's history: accepted critical sections never overlap beyond the
+limit, no stale token is accepted, one token per grant; and here: every consul-locker exit code is one the contract
+allows, some section is accepted within PROGRESS_BOUND after each healed fault, no session and no contender key is
+left at the end. One summary line (pytest -s prints it; the run's log in the test's tmp_path has it too).
+
+Sizes: the CI size runs each fault once (about 3 minutes). CONSUL_LOCKER_NETNS_LONG=1 runs LONG_ROUNDS rounds in a
+shuffled order (seed printed; CONSUL_LOCKER_NETNS_SEED replays one); docs/netns-results.md has its latest figures.
+"""
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+
+import pytest
+from lib import fenced
+from lib.consul_agent import wait_until
+from lib.locker import LOCKER, SRC, locker_env
+from lib.netns import Cluster, Net, sweep_stale, unavailable_reason
+
+TTL = 10.0  # Consul's smallest session TTL
+LOCK_DELAY = 5.0
+KILL_TIMEOUT = 2.0  # < LOCK_DELAY, as the contract requires for its timing guarantee
+TIMING = ["--ttl", "10s", "--lock-delay", "5s", "--kill-timeout", "2s"]
+# Consul expires a silent session 2 x TTL after the last renewal it received, then refuses the key for lock-delay;
+# a waiter notices within a blocking query's answer. Past that, a healed cluster must have given the lock out again.
+PROGRESS_BOUND = 2 * TTL + LOCK_DELAY + 10.0
+MIN_AGE_FOR_STOP = 1.5
+LONG = os.environ.get("CONSUL_LOCKER_NETNS_LONG", "") not in ("", "0")
+LONG_ROUNDS = 5
+FAULTS = ["holder-pause", "cut>ttl", "cut<ttl", "leader-cut", "leader-kill", "agent-freeze"]
+FENCED = os.path.abspath(fenced.__file__)
+LOCAL_AGENT = "http://127.0.0.1:8500"  # each client node's own agent, inside its namespace
+CHILD_CODES = {0, fenced.REFUSED_EXIT, fenced.UNREACHABLE_EXIT}
+# What the contract lets consul-locker exit with here: the child's codes, 1 (not obtained), 69 (Consul unreachable),
+# 75 (lock lost), 128+N (a signal: the child killed by one, or our stop signal while waiting).
+ALLOWED_CODES = CHILD_CODES | {1, 69, 75} | {128 + n for n in range(1, 65)}
+
+
+class Workload:
+    """One lock name, its fenced resource, and one consul-locker loop per client node."""
+
+    def __init__(self, name, limit, port):
+        self.name, self.limit, self.port = name, limit, port
+        self.server = None
+        self.history = None
+        self.loops = []
+        self.paused = set()  # ids of sections frozen together with their consul-locker
+
+
+class Loop(threading.Thread):
+    """consul-locker, again and again, on one client node, until stopped."""
+
+    def __init__(self, net, agent, wl, resource_ip, log_path, runs):
+        super().__init__(name=f"loop-{agent.role}-{wl.name}", daemon=True)
+        self.net, self.agent, self.wl = net, agent, wl
+        self.log_path, self.runs = log_path, runs
+        self.cwd = os.path.dirname(log_path)
+        self.stopping = threading.Event()
+        self.current, self.started = None, 0.0
+        self._mutex = threading.Lock()
+        limit = ["--limit", str(wl.limit)] if wl.limit > 1 else []
+        child = [sys.executable, FENCED, "child", f"{resource_ip}:{wl.port}", agent.role]
+        self.argv = LOCKER + ["-v", *TIMING, *limit, wl.name, "--", *child]
+        self.env = locker_env(types.SimpleNamespace(addr=LOCAL_AGENT))
+
+    def run(self):
+        n = 0
+        with open(self.log_path, "a") as log:
+            while not self.stopping.is_set():
+                n += 1
+                t0 = time.monotonic()
+                log.write(f"=== run {n} at {t0:.3f}\n")
+                log.flush()
+                with self._mutex:
+                    if self.stopping.is_set():
+                        break
+                    # cwd: `python -m` puts the current directory first on sys.path, before PYTHONPATH; run from
+                    # the checkout it would import the checkout's shim even when SHIM_SRC names another.
+                    proc = self.net.popen(
+                        self.agent.ns,
+                        self.argv,
+                        env=self.env,
+                        cwd=self.cwd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                    )
+                    self.current, self.started = proc, time.monotonic()
+                # Every line with the time it was read (the clock of the resource's history): -v shows each
+                # request, so a run's log says what consul-locker was doing at any moment of the history.
+                for line in proc.stdout:
+                    log.write(f"{time.monotonic():.3f} {line.decode(errors='replace')}")
+                    log.flush()
+                code = proc.wait()
+                t1 = time.monotonic()
+                log.write(f"=== run {n} pid {proc.pid} exit {code} after {t1 - t0:.3f} s\n")
+                log.flush()
+                self.runs.append((self.agent.role, self.wl.name, n, proc.pid, code, t0, t1, self.stopping.is_set()))
+                if code not in (0, fenced.REFUSED_EXIT, 75) and not self.stopping.is_set():
+                    self.stopping.wait(0.5)  # pacing: a run that failed fast is not retried in a hot loop
+
+    def stop(self):
+        with self._mutex:
+            self.stopping.set()
+            proc, started = self.current, self.started
+        if proc is not None and proc.poll() is None:
+            # A SIGTERM in the first moments of a Python process kills it before it can install its handlers (a
+            # start-up race that tests/test_pid1.py covers); the stop of this test is not about that.
+            wait_until(lambda: time.monotonic() >= started + MIN_AGE_FOR_STOP or proc.poll() is not None, 5, 0.05)
+            try:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+class Nemesis:
+    def __init__(self, net, cluster, workloads, log):
+        self.net, self.cluster, self.workloads, self.log = net, cluster, workloads, log
+        self.lock = workloads[0]
+        self.faults = []  # dicts: kind, target, start, heal, progress (s after heal per workload), notes
+
+    def say(self, text):
+        self.log(f"{time.monotonic():.3f} nemesis: {text}")
+
+    # -- what the resource shows -------------------------------------------------------------------------------
+    def holder(self, wl, timeout=15.0):
+        """A section of wl inside now (the newest), from the resource's history."""
+        return wait_until(lambda: (wl.history.open_sections() or [None])[-1], timeout, 0.05, f"a {wl.name} holder")
+
+    def wait_progress(self, fault):
+        """Record, per workload, how long after the heal the first section was accepted (None: not in bound)."""
+        heal = fault["heal"]
+        fault["progress"] = {}
+        for wl in self.workloads:
+
+            def entered(wl=wl):
+                return next((e.t for e in reversed(wl.history.refresh()) if _accepted_enter(e) and e.t > heal), None)
+
+            try:
+                t = wait_until(entered, max(0.1, heal + PROGRESS_BOUND - time.monotonic()), 0.1, "progress")
+                fault["progress"][wl.name] = t - heal
+            except AssertionError:
+                fault["progress"][wl.name] = None
+        self.say(f"{fault['kind']} healed; progress after {fault['progress']}")
+
+    def wait_cluster(self, timeout=30.0):
+        """Every server names the same leader (a fault's aftermath settled enough to start the next one)."""
+        try:
+            wait_until(self.cluster.agreed_leader, timeout, 0.2, "an agreed leader")
+        except AssertionError:
+            self.say("servers did not agree on a leader in time")
+
+    def fault(self, kind, target):
+        f = {"kind": kind, "target": target, "start": time.monotonic(), "heal": None, "progress": {}, "notes": []}
+        self.faults.append(f)
+        self.say(f"{kind} on {target}")
+        return f
+
+    # -- faults ------------------------------------------------------------------------------------------------
+    def cut(self, longer):
+        role = self.holder(self.lock).node
+        f = self.fault("cut>ttl" if longer else "cut<ttl", role)
+        self.net.cut(role)
+        time.sleep(TTL + 3 if longer else TTL / 2 - 1)  # the fault's length, not a synchronisation
+        self.net.heal(role)
+        f["heal"] = time.monotonic()
+        self.wait_progress(f)
+
+    def leader_cut(self):
+        leader = wait_until(self.cluster.agreed_leader, 30, 0.2, "an agreed leader")
+        f = self.fault("leader-cut", leader.role)
+        self.net.cut(leader.role)
+        new = wait_until(lambda: self.cluster.agreed_leader(exclude=(leader,)), 30, 0.2, "a new leader")
+        f["notes"].append(f"{new.role} elected after {time.monotonic() - f['start']:.1f} s")
+        time.sleep(TTL / 2)  # the isolation lasts a while after the election, not a synchronisation
+        self.net.heal(leader.role)
+        f["heal"] = time.monotonic()
+        self.wait_progress(f)
+
+    def leader_kill(self):
+        leader = wait_until(self.cluster.agreed_leader, 30, 0.2, "an agreed leader")
+        f = self.fault("leader-kill", leader.role)
+        leader.kill()
+        new = wait_until(lambda: self.cluster.agreed_leader(exclude=(leader,)), 30, 0.2, "a new leader")
+        f["notes"].append(f"{new.role} elected after {time.monotonic() - f['start']:.1f} s")
+        leader.start()
+        self.cluster.wait_ready(leader, 60)
+        f["heal"] = time.monotonic()
+        f["notes"].append(f"{leader.role} back after {f['heal'] - f['start']:.1f} s")
+        self.wait_progress(f)
+
+    def agent_freeze(self):
+        role = self.holder(self.lock).node
+        agent = self.cluster.agent(role)
+        f = self.fault("agent-freeze", role)
+        agent.pause()
+        try:
+            time.sleep(TTL + 3)  # the fault's length
+        finally:
+            agent.resume()
+        f["heal"] = time.monotonic()
+        self.wait_progress(f)
+
+    def holder_pause(self):
+        """Freeze a holding consul-locker with its child, in every workload at once, until the resource has let a
+        newer holder in (lock) or N newer holders (semaphore: then the fence refuses); resume the child first and
+        let it write, then its consul-locker."""
+        frozen = []
+        for wl in self.workloads:
+            s = self._freeze_inside(wl)
+            if s is not None:
+                frozen.append((wl, s))
+        f = self.fault("holder-pause", ", ".join(f"{wl.name}:{s.id} token {s.token}" for wl, s in frozen))
+        bound = 2 * TTL + LOCK_DELAY + 15.0
+        for wl, s in frozen:
+
+            def newer_inside(wl=wl, s=s):
+                if wl.limit == 1:
+                    return any(_accepted_enter(e) and e.token > s.token for e in wl.history.refresh())
+                return len([o for o in wl.history.open_sections() if o.token > s.token]) >= wl.limit
+
+            try:
+                wait_until(newer_inside, max(0.1, f["start"] + bound - time.monotonic()), 0.05, "a newer holder")
+                f["notes"].append(f"{wl.name}: newer holder inside {time.monotonic() - f['start']:.1f} s after")
+            except AssertionError:
+                f["notes"].append(f"{wl.name}: no newer holder within {bound:.0f} s")
+        for wl, s in frozen:
+            shim, child = s.pids
+            t_resume = time.monotonic()
+            _signal(child, signal.SIGCONT)
+            try:
+                # The child's next request (its writes come every WRITE_EVERY) reaches the resource first.
+                wait_until(
+                    lambda s=s, wl=wl, t=t_resume: any(e.conn == s.conn and e.t > t for e in wl.history.refresh()),
+                    5,
+                    0.02,
+                    "the resumed child's request",
+                )
+            except AssertionError:
+                f["notes"].append(f"{wl.name}: the resumed child sent nothing")
+            _signal(shim, signal.SIGCONT)
+        f["heal"] = time.monotonic()
+        for wl, s in frozen:
+            seen = [e for e in wl.history.refresh() if e.conn == s.conn and e.t > f["start"]]
+            f["notes"].append(f"{wl.name}: after resuming " + ", ".join(f"{e.kind} {e.verdict}" for e in seen[:3]))
+        self.wait_progress(f)
+
+    def _freeze_inside(self, wl, tries=30):
+        for _ in range(tries):
+            s = self.holder(wl)
+            shim, child = s.pids
+            if not (_signal(shim, signal.SIGSTOP) and _signal(child, signal.SIGSTOP)):
+                _signal(shim, signal.SIGCONT)
+                continue
+            # An EXIT the child sent just before the stop is still on its way for a moment.
+            time.sleep(0.2)
+            now = wl.history.sections().get(s.conn)
+            if now is not None and now.phys_end is None and not now.refused and _stopped(child) and _stopped(shim):
+                wl.paused.add(s.id)
+                self.say(f"froze {wl.name} holder {s.id} token {s.token}")
+                return now
+            _signal(child, signal.SIGCONT)
+            _signal(shim, signal.SIGCONT)
+        self.say(f"could not catch a {wl.name} holder inside")
+        return None
+
+    def run(self, kind):
+        {
+            "holder-pause": self.holder_pause,
+            "cut>ttl": lambda: self.cut(True),
+            "cut<ttl": lambda: self.cut(False),
+            "leader-cut": self.leader_cut,
+            "leader-kill": self.leader_kill,
+            "agent-freeze": self.agent_freeze,
+        }[kind]()
+        self.wait_cluster()
+
+
+def _accepted_enter(e):
+    return e.kind == "ENTER" and e.verdict == "OK"
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _stopped(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    removed = sweep_stale()
+    data_root = tempfile.mkdtemp(prefix="consul-locker-netns-")
+    net = Net()
+    c = None
+    try:
+        c = Cluster(net, data_root, str(tmp_path))
+        c.stale_removed = removed
+        yield c.start()
+    finally:
+        if c is not None:
+            c.close()
+        net.close()
+        subprocess.run(["rm", "-rf", data_root], check=False)
+
+
+def _leftovers(cluster, workloads):
+    """Sessions and contender keys still in Consul, as a server sees them."""
+    server = next(s for s in cluster.servers if s.running())
+    sessions = cluster.try_api(server, "GET", "/v1/session/list")
+    if sessions is None:
+        return ["the server did not answer"]
+    left = [f"session {s['ID']} {s.get('Name', '')!r}" for s in sessions]
+    for wl in workloads:
+        prefix = f"consul-locker/{wl.name}/"
+        keys = cluster.try_api(server, "GET", f"/v1/kv/{prefix}?recurse") or []
+        for k in keys:
+            if k["Key"] != prefix + ".lock":
+                left.append(f"contender key {k['Key']}")
+            elif k.get("Session"):
+                left.append(f"{k['Key']} held by {k['Session']}")
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800 if LONG else 360)
+def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
+    t_begin = time.monotonic()
+    net = cluster.net
+    log_path = tmp_path / "netns.log"
+    log_file = open(log_path, "a")
+
+    def log(text):
+        log_file.write(text + "\n")
+        log_file.flush()
+
+    seed = int(os.environ.get("CONSUL_LOCKER_NETNS_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
+    schedule = list(FAULTS)
+    if LONG:
+        schedule = [k for _ in range(LONG_ROUNDS) for k in rng.sample(FAULTS, len(FAULTS))]
+    log(f"netns run: shim from {SRC}, namespaces {net.tag}-*, net {net.net24}.0/24, seed {seed}")
+    if cluster.stale_removed:
+        log(f"removed stale namespaces of crashed runs: {cluster.stale_removed}")
+
+    workloads = [Workload("netns-lock", 1, 7001), Workload("netns-sem", 2, 7002)]
+    runs = []
+    procs = []
+    problems = []
+    nemesis = Nemesis(net, cluster, workloads, log)
+    try:
+        for wl in workloads:
+            hist = str(tmp_path / f"history-{wl.name}.txt")
+            wl.history = fenced.History(hist)
+            argv = [sys.executable, FENCED, "serve", cluster.resource_ip, str(wl.port), str(wl.limit), hist]
+            wl.server = net.popen(cluster.resource_ns, argv, stdin=subprocess.DEVNULL)
+            procs.append(wl.server)
+            wait_until(wl.history.listening, 10, 0.05, f"the {wl.name} resource to listen")
+        for wl in workloads:
+            for agent in cluster.clients:
+                loop = Loop(net, agent, wl, cluster.resource_ip, str(tmp_path / f"{agent.role}-{wl.name}.log"), runs)
+                wl.loops.append(loop)
+                loop.start()
+        # Warm-up: every workload hands its lock over a few times before the first fault.
+        for wl in workloads:
+            wait_until(lambda wl=wl: len(wl.history.sections()) >= 4, 60, 0.1, f"{wl.name} sections to start")
+        try:
+            for kind in schedule:
+                nemesis.run(kind)
+        except Exception:
+            # Judge what happened so far anyway: the history up to a nemesis failure is still evidence.
+            problems.append("the nemesis failed:\n" + traceback.format_exc())
+            nemesis.say("failed; stopping the run")
+        t_faults_end = time.monotonic()
+    finally:
+        for wl in workloads:
+            for loop in wl.loops:
+                loop.stop()
+        for wl in workloads:
+            for loop in wl.loops:
+                loop.join(30)
+                if loop.is_alive():  # a consul-locker that did not end on SIGTERM: recorded as its own failure
+                    loop.stop()
+                    if loop.current is not None:
+                        loop.current.kill()
+                    loop.join(5)
+    # Sessions of runs that could not destroy theirs (cut off, frozen) end at Consul's TTL: wait for that.
+    left = []
+    try:
+        wait_until(lambda: not _leftovers(cluster, workloads), 2 * TTL + 10, 0.5, "no session or contender key")
+    except AssertionError:
+        left = _leftovers(cluster, workloads)
+    t_end = time.monotonic()
+    for p in procs:
+        p.kill()
+        p.wait()
+
+    # -- judge ---------------------------------------------------------------------------------------------------
+    parts = []
+    for wl in workloads:
+        events = wl.history.refresh()
+        v = fenced.check(events, wl.limit, wl.paused, horizon=t_end)
+        for what, at in v.violations:
+            problems.append(f"{wl.name}: {what}\n{v.excerpt(events, at)}")
+        gap = f"{v.longest_gap:.1f} s"
+        if v.longest_gap_at:
+            gap += f" (at +{v.longest_gap_at[0] - t_begin:.0f} s)"
+        parts.append(
+            f"{wl.name} (limit {wl.limit}): {v.sections} sections, max {v.max_concurrent} inside, "
+            f"{v.refused} refused stale writes ({v.refused_paused} by paused holders), longest take-over {gap}"
+        )
+    for f in nemesis.faults:
+        for name, after in f["progress"].items():
+            if after is None:
+                problems.append(f"no {name} section accepted within {PROGRESS_BOUND:.0f} s after {f['kind']} healed")
+    lock = workloads[0]
+    if "holder-pause" in schedule and not fenced.check(lock.history.events, 1, lock.paused).refused_paused:
+        problems.append("the paused lock holder's child wrote nothing that the resource refused")
+    codes = collections.Counter(r[4] for r in runs)
+    for role, name, n, pid, code, _, t1, _ in runs:
+        if code not in ALLOWED_CODES:
+            problems.append(
+                f"{role} {name} run {n} (pid {pid}) exited {code} at +{t1 - t_begin:.0f} s: see {role}-{name}.log"
+            )
+    if left:
+        problems.append(f"left in Consul after {2 * TTL + 10:.0f} s: {left}")
+
+    kinds = collections.Counter(f["kind"] for f in nemesis.faults)
+    summary = (
+        f"netns summary [shim {'SHIM_SRC=' + SRC if os.environ.get('SHIM_SRC') else 'working tree'}"
+        f"{', long' if LONG else ''}, seed {seed}]: "
+        + "; ".join(parts)
+        + f"; faults: {', '.join(f'{k} {n}' for k, n in kinds.items())}; "
+        f"runs {len(runs)}, exit codes {dict(sorted(codes.items()))}; "
+        f"violations {len(problems)}; faults took {t_faults_end - t_begin:.0f} s, "
+        f"whole run {time.monotonic() - t_begin:.0f} s"
+    )
+    for f in nemesis.faults:
+        log(
+            f"fault {f['kind']} on {f['target']} at +{f['start'] - t_begin:.1f} s; "
+            f"healed +{(f['heal'] or f['start']) - f['start']:.1f} s later; progress {f['progress']}; "
+            + "; ".join(f["notes"])
+        )
+    log(summary)
+    for p in problems:
+        log("PROBLEM: " + p)
+    log_file.close()
+    print("\n" + summary)
+    for f in nemesis.faults:
+        print(f"  {f['kind']} on {f['target']}: progress {f['progress']}; {'; '.join(f['notes'])}")
+    assert not problems, f"{len(problems)} problems (log: {log_path}):\n" + "\n\n".join(problems[:10])
