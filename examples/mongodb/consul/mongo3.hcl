@@ -1,7 +1,9 @@
 node_name = "mongo3"
 
-# Passing only while this member is PRIMARY or SECONDARY (bootstrap.py check: 0 passing, 1 warning, 2 critical),
-# so bootstrap.py's peer lookup (/v1/health/service/mongodb?passing) finds exactly the members of the replica set.
+# Passing only while this member is PRIMARY or SECONDARY (bootstrap.py check: 0 passing, 1 warning, 2 critical).
+# The check reads `hello`, which needs no credentials although the members run with a keyFile. It is for people,
+# dashboards and clients: bootstrap.py itself asks every *registered* instance, whatever its health, because a
+# member that is recovering, in an election or failing its check is still a member of the replica set.
 service {
   name    = "mongodb"
   id      = "mongodb"
