@@ -1,25 +1,20 @@
-"""Command line -> configuration -> run: wait for the lock, supervise the child, release, exit with its code."""
+"""Command line -> options -> the life: parse and validate everything first (bad input never reaches Consul),
+then wire the Consul client, the lock and the child together and hand them to the supervisor's loop."""
 
 import argparse
+import json
 import os
 import sys
-import threading
 import time
 
-from shim import __version__, consul, exitcodes, lock, supervisor
-from shim.duration import format_go
+from shim import __version__, consul, errors, lock, log, supervisor
+from shim.duration import format_go, format_human
 from shim.duration import parse as parse_duration
-from shim.exitcodes import ShimError
-from shim.log import line as _log
+from shim.errors import ShimError, UsageError
 
 PROG = "consul-locker"
-MIN_TTL, MAX_TTL = 10.0, 86400.0  # Consul's session TTL bounds
-MAX_LOCK_DELAY = 60.0  # Consul caps lock-delay at 60 s
-# Without --timeout, how long Consul may stay unreachable while we wait for the lock before we give up.
-DEFAULT_UNREACHABLE_FOR = 10.0
-# Budgets for the last Consul calls (release, destroy): short after a stop signal, which must end us within 1 s.
-CLOSE_BUDGET = 5.0
-CLOSE_BUDGET_STOPPING = 0.5
+# The longest duration any option takes besides --ttl and --lock-delay (which Consul bounds): one year.
+MAX_DURATION = 8760 * 3600.0
 
 BASH_FUNCTION = r"""consulLocker() {
     # consulLocker NAME CMD [ARGS]: run CMD (a command, or a function of this shell) under the lock NAME.
@@ -32,26 +27,26 @@ BASH_FUNCTION = r"""consulLocker() {
 }"""
 
 DESCRIPTION = """Run COMMAND while holding a Consul lock, so that it runs on one machine at a time.
-Safe as a container's PID 1: forwards signals, reaps zombies, cleans the whole process tree."""
+Safe as a container's PID 1: forwards signals, reaps zombies, cleans the whole process tree.
+consul-locker --status [--json] NAME reports the lock without taking it."""
 
 EPILOG = f"""exit codes:
   N      COMMAND's own exit code; 128+N when COMMAND was killed by signal N
   1      lock not obtained (--no-wait, --timeout); see --conflict-exit-code
-  2      usage error
-  {exitcodes.UNAVAILABLE}     Consul unreachable or failing
-  {exitcodes.INTERNAL}     internal error in consul-locker
-  {exitcodes.LOCK_LOST}     the lock was lost while COMMAND ran; COMMAND was terminated
-  {exitcodes.KEY_CONFLICT}     the key is used in an incompatible way (lock vs semaphore, other --limit)
-  {exitcodes.PERMISSION}     Consul's ACL denied a request (check the token)
+  2      usage error (nothing was sent to Consul)
+  {errors.UNAVAILABLE}     Consul unreachable, or an answer it should not give
+  {errors.INTERNAL}     internal error in consul-locker
+  {errors.OS_ERROR}     --pid-namespace: the PID namespace cannot be made
+  {errors.LOCK_LOST}     the lock was lost while COMMAND ran; COMMAND was terminated
+  {errors.KEY_CONFLICT}     the key is used in an incompatible way (lock vs semaphore, other --limit)
+  {errors.PERMISSION}     Consul's ACL denied a request (check the token)
+  {errors.TIMED_OUT}    --max-runtime reached; COMMAND was terminated
   126    COMMAND not executable
   127    COMMAND not found
   128+N  signal N (TERM, INT, HUP, QUIT) ended the wait for the lock
+--status: 0 held, 1 free, {errors.UNAVAILABLE}, {errors.KEY_CONFLICT}, {errors.PERMISSION} as above.
 
 Bash: eval "$({PROG} --bash-function)" defines consulLocker NAME CMD [ARGS], CMD may be a shell function."""
-
-
-class UsageError(ShimError):
-    code = exitcodes.USAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,11 +54,18 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def _duration(text):
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _duration(low=0.0, high=MAX_DURATION):
+    def convert(text):
+        try:
+            seconds = parse_duration(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not low <= seconds <= high:
+            top = "8760h (one year)" if high == MAX_DURATION else format_human(high)
+            raise argparse.ArgumentTypeError(f"{text!r} is outside {format_human(low)}-{top}")
+        return seconds
+
+    return convert
 
 
 def _int_in(low, high, what):
@@ -80,13 +82,12 @@ def _int_in(low, high, what):
 
 
 _exit_code = _int_in(0, 255, "exit code")
-_positive_int = _int_in(1, 1_000_000, "limit")
 
 
 def build_parser():
     p = _Parser(
         prog=PROG,
-        usage=f"{PROG} [OPTIONS] NAME [--] COMMAND [ARG...]",
+        usage=f"{PROG} [OPTIONS] NAME [--] COMMAND [ARG...]\n       {PROG} --status [--json] [OPTIONS] NAME",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -95,59 +96,45 @@ def build_parser():
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER, help="command and arguments")
     g = p.add_argument_group("lock")
     g.add_argument("--no-wait", action="store_true", help="if the lock is held elsewhere, exit at once")
-    g.add_argument("--timeout", type=_duration, metavar="DURATION", help="stop waiting after DURATION")
-    g.add_argument(
-        "--conflict-exit-code",
-        type=_exit_code,
-        default=exitcodes.CONFLICT,
-        metavar="N",
-        help="exit code when the lock is not obtained (default 1)",
-    )
-    g.add_argument(
-        "--limit",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="semaphore: at most N holders at once (layout of `consul lock -n`)",
-    )
-    g.add_argument("--ttl", type=_duration, default=15.0, metavar="DURATION", help="session TTL, 10s-24h (15s)")
-    g.add_argument(
-        "--lock-delay",
-        type=_duration,
-        default=15.0,
-        metavar="DURATION",
-        help="Consul lock-delay after a lost session, 0s-60s (15s)",
-    )
+    g.add_argument("--timeout", type=_duration(), metavar="DURATION", help="stop waiting after DURATION")
+    g.add_argument("--conflict-exit-code", type=_exit_code, default=errors.CONFLICT, metavar="N",
+                   help="exit code when the lock is not obtained (default 1)")  # fmt: skip
+    g.add_argument("--limit", type=_int_in(1, 1_000_000, "limit"), default=1, metavar="N",
+                   help="semaphore: at most N holders at once (layout of `consul lock -n`)")  # fmt: skip
+    g.add_argument("--ttl", type=_duration(lock.MIN_TTL, lock.MAX_TTL), default=15.0, metavar="DURATION",
+                   help="session TTL, 10s-24h (15s)")  # fmt: skip
+    g.add_argument("--lock-delay", type=_duration(0, lock.MAX_LOCK_DELAY), default=15.0, metavar="DURATION",
+                   help="Consul lock-delay after a lost session, 0s-60s (15s)")  # fmt: skip
     g.add_argument("--prefix", metavar="PREFIX", help="KV prefix; the key is PREFIX/.lock (consul-locker/NAME)")
+    g.add_argument("--once", action="store_true",
+                   help="run COMMAND at most once to success per prefix (marker PREFIX/.done)")  # fmt: skip
+    g.add_argument("--once-token", metavar="TOKEN",
+                   help="implies --once; a marker with another TOKEN does not count (e.g. an app version)")  # fmt: skip
+    g.add_argument("--status", action="store_true", help="report the lock without taking it (no COMMAND)")
+    g.add_argument("--json", action="store_true", help="with --status: one JSON object on stdout")
     g = p.add_argument_group("child")
-    g.add_argument(
-        "--kill-timeout",
-        type=_duration,
-        default=10.0,
-        metavar="DURATION",
-        help="grace between SIGTERM and SIGKILL for the child and its descendants (10s)",
-    )
+    g.add_argument("--kill-timeout", type=_duration(), default=10.0, metavar="DURATION",
+                   help="grace between SIGTERM and SIGKILL for the child and its descendants (10s)")  # fmt: skip
+    g.add_argument("--max-runtime", type=_duration(), metavar="DURATION",
+                   help="terminate COMMAND (and its tree) after DURATION, exit 124")  # fmt: skip
+    g.add_argument("-e", "--success-exit-code", type=_exit_code, action="append", default=[], metavar="N",
+                   help="repeatable: COMMAND's own exit status N counts as 0 (as tini -e)")  # fmt: skip
     g.add_argument("--shell", action="store_true", help="run COMMAND through /bin/sh -c")
-    g.add_argument(
-        "-g",
-        "--process-group",
-        action="store_true",
-        help="run the child in its own process group and forward signals to the whole group",
-    )
-    g = p.add_argument_group("Consul connection (as the consul CLI; flags override the environment)")
-    g.add_argument("--http-addr", metavar="ADDR", help="env CONSUL_HTTP_ADDR (http://127.0.0.1:8500)")
+    g.add_argument("-g", "--process-group", action="store_true",
+                   help="run the child in its own process group and forward signals to the whole group")  # fmt: skip
+    g.add_argument("--pid-namespace", action="store_true",
+                   help="the child's tree in its own PID namespace, which dies with consul-locker")  # fmt: skip
+    g = p.add_argument_group("Consul connection (as the consul CLI; a flag wins over its environment variable)")
+    g.add_argument("--http-addr", metavar="ADDR", help="env CONSUL_HTTP_ADDR (http://127.0.0.1:8500, unix:///path)")
     g.add_argument("--token", metavar="TOKEN", help="ACL token; env CONSUL_HTTP_TOKEN")
     g.add_argument("--token-file", metavar="FILE", help="file holding the ACL token; env CONSUL_HTTP_TOKEN_FILE")
     g.add_argument("--datacenter", metavar="DC", help="datacenter (default: the agent's)")
     g = p.add_argument_group("other")
+    g.add_argument("-q", "--quiet", action="store_true", help="no informational lines; warnings and errors stay")
     g.add_argument("-v", "--verbose", action="store_true", help="log every Consul request (env DEBUG too)")
     g.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    g.add_argument(
-        "--bash-function",
-        action=_PrintAndExit,
-        text=BASH_FUNCTION,
-        help="print a Bash function consulLocker NAME CMD [ARGS] to eval",
-    )
+    g.add_argument("--bash-function", action=_PrintAndExit, text=BASH_FUNCTION,
+                   help="print a Bash function consulLocker NAME CMD [ARGS] to eval")  # fmt: skip
     return p
 
 
@@ -161,147 +148,112 @@ class _PrintAndExit(argparse.Action):
         parser.exit(0)
 
 
-def _check_key_part(what, text):
-    if not text or any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise UsageError(f"{what} must be non-empty printable text, got {text!r}")
-    if any(seg in ("", ".", "..") for seg in text.strip("/").split("/")):
-        raise UsageError(f"{what} {text!r} has an empty, '.' or '..' path segment")
-
-
 def parse_args(argv):
+    """Parse and validate the whole command line; raise UsageError. Nothing here talks to Consul."""
     args = build_parser().parse_args(argv)
     if args.command and args.command[0] == "--":
         args.command = args.command[1:]
-    if not args.command:
-        raise UsageError("COMMAND is missing: consul-locker [OPTIONS] NAME [--] COMMAND [ARG...]")
-    _check_key_part("NAME", args.name)
+    lock.check_key_part("NAME", args.name)
     if args.prefix is not None:
-        _check_key_part("--prefix", args.prefix)
-    if not MIN_TTL <= args.ttl <= MAX_TTL:
-        raise UsageError(f"--ttl {format_go(args.ttl)} is outside Consul's range 10s-24h")
-    if not 0 <= args.lock_delay <= MAX_LOCK_DELAY:
-        raise UsageError(f"--lock-delay {format_go(args.lock_delay)} is outside Consul's range 0s-60s")
+        lock.check_key_part("--prefix", args.prefix)
+    args.prefix = args.prefix if args.prefix is not None else f"consul-locker/{args.name}"
+    if args.once_token is not None:
+        args.once = True
+    if args.status:
+        if args.command:
+            raise UsageError("--status takes no COMMAND: consul-locker --status [--json] NAME")
+    elif not args.command:
+        raise UsageError("COMMAND is missing: consul-locker [OPTIONS] NAME [--] COMMAND [ARG...]")
+    elif args.json:
+        raise UsageError("--json goes with --status")
+    if args.once and args.limit > 1:
+        raise UsageError("--once runs COMMAND once per prefix; it does not go with --limit > 1")
     if args.timeout == 0:  # "do not wait at all": one attempt, like --no-wait
         args.no_wait, args.timeout = True, None
     if args.shell:
         args.command = ["/bin/sh", "-c", " ".join(args.command)]
-    args.prefix = (args.prefix if args.prefix is not None else f"consul-locker/{args.name}").strip("/")
     args.verbose = args.verbose or bool(os.environ.get("DEBUG"))
     return args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    verbose = bool(os.environ.get("DEBUG"))
     try:
         args = parse_args(argv)
-        verbose = args.verbose
-        return run(args)
+        log.configure(quiet=args.quiet, verbose=args.verbose)
+        return status(args) if args.status else run(args)
     except ShimError as e:
-        _log(f"error: {e}")
+        log.say(f"error: {e}")
         return e.code
     except Exception as e:  # a bug: one line, the traceback only when asked for
-        if verbose:
+        if log.verbose() or os.environ.get("DEBUG"):
             import traceback
 
             try:
                 traceback.print_exc()
             except OSError:
                 pass
-        _log(f"internal error: {type(e).__name__}: {e}")
-        return exitcodes.INTERNAL
+        log.say(f"internal error: {type(e).__name__}: {e}")
+        return errors.INTERNAL
+
+
+def _client(args):
+    settings = consul.Settings.from_env(
+        addr=args.http_addr, token=args.token, token_file=args.token_file, datacenter=args.datacenter
+    )
+    return consul.Client(settings, verbose=args.verbose, log=log.say)
+
+
+def _lock_options(args):
+    return lock.Options(
+        prefix=args.prefix,
+        limit=args.limit,
+        ttl=args.ttl,
+        lock_delay=args.lock_delay,
+        # Without --timeout, how long Consul may stay unreachable while we wait before we give up.
+        unreachable_for=args.timeout if args.timeout is not None else lock.DEFAULT_UNREACHABLE_FOR,
+    )
 
 
 def run(args):
     if args.kill_timeout + 1.0 >= args.lock_delay:
-        _log(
+        log.say(
             f"warning: --kill-timeout {format_go(args.kill_timeout)} is not at least 1s shorter than --lock-delay "
             f"{format_go(args.lock_delay)}: after a partition, the next holder may start before this child is "
             "killed"
         )
-    events = supervisor.Events()
+    opts = _lock_options(args)
+    client = _client(args)  # bad address or token: exit 2 before anything is forked or sent
+    signals = supervisor.Signals()
     supervisor.become_subreaper()
-    supervisor.resolve(args.command[0], os.environ)  # 126/127 before we touch Consul
-    log = _log if args.verbose else None
-    client = consul.Client(
-        consul.Settings.from_env(
-            addr=args.http_addr, token=args.token, token_file=args.token_file, datacenter=args.datacenter
-        ),
-        verbose=args.verbose,
+    child = supervisor.ChildProcess(
+        args.command, dict(os.environ), args.process_group, args.pid_namespace, args.kill_timeout
+    )  # 126/127 here, before Consul is contacted
+    child.fork()  # before any thread exists: the forked process must be single-threaded
+    plan = supervisor.Plan(
+        deadline=None if args.timeout is None else time.monotonic() + args.timeout,
+        wait=not args.no_wait,
+        kill_timeout=args.kill_timeout,
+        max_runtime=args.max_runtime,
+        once=args.once,
+        once_token=args.once_token,
+        conflict_code=args.conflict_exit_code,
+        success_codes=frozenset(args.success_exit_code),
     )
-    unreachable_for = args.timeout if args.timeout is not None else DEFAULT_UNREACHABLE_FOR
-    locker = lock.Locker(
-        client,
-        lock.Options(
-            prefix=args.prefix,
-            limit=args.limit,
-            ttl=args.ttl,
-            lock_delay=args.lock_delay,
-            unreachable_for=unreachable_for,
-        ),
-        notify=events.notify,
-    )
-    budget = CLOSE_BUDGET
-    try:
-        outcome = _wait_for_lock(args, locker, events)
-        if isinstance(outcome, int):
-            budget = CLOSE_BUDGET_STOPPING
-            return outcome
-        hold = outcome
-        if log:
-            log(f"lock {hold.key} held by session {hold.session}, fencing index {hold.index}")
-        env = dict(
-            os.environ,
-            CONSUL_LOCK_HELD="true",
-            CONSUL_LOCK_KEY=hold.key,
-            CONSUL_LOCK_SESSION=hold.session,
-            CONSUL_LOCK_INDEX=str(hold.index),
-        )
-        status = supervisor.Supervisor(events, args.kill_timeout, args.process_group, log).run(
-            args.command, env, lost=hold.lost, started=locker.start_monitor
-        )
-        if hold.lost.is_set():
-            _log(f"error: lock lost while the child ran ({hold.lost_reason}); the child was terminated")
-            return exitcodes.LOCK_LOST
-        return supervisor.exit_code(status)
-    finally:
-        warning = locker.close(budget)
-        if warning:
-            _log(f"warning: {warning}")
+    locker = lock.Locker(client, opts, notify=supervisor.wake)
+    return supervisor.Supervisor(signals, child, plan).live(locker)
 
 
-def _wait_for_lock(args, locker, events):
-    """Acquire in a worker thread while the main thread handles signals. Returns the Hold or an exit code."""
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    stop, result = threading.Event(), {}
-
-    def worker():
-        try:
-            result["hold"] = locker.acquire(stop, deadline, wait=not args.no_wait)
-        except BaseException as e:  # handed to the main thread
-            result["error"] = e
-        events.notify()
-
-    threading.Thread(target=worker, name="consul-locker-acquire", daemon=True).start()
-    while True:
-        timeout = None if deadline is None else deadline - time.monotonic()
-        for sig in events.wait(timeout):
-            if sig in supervisor.STOPPING:
-                stop.set()
-                _log(f"signal {sig} while waiting for the lock: not running the command")
-                return exitcodes.SIGNAL_BASE + sig
-        supervisor.reap_all()  # as PID 1 we may adopt orphans even before the child exists
-        if "error" in result:
-            raise result["error"]
-        if "hold" in result:
-            if result["hold"] is not None:
-                return result["hold"]
-            break
-        if deadline is not None and time.monotonic() >= deadline:
-            stop.set()
-            break
-    if locker.unreachable_since is not None and locker.last_error is not None:
-        raise locker.last_error
-    what = "held elsewhere" if args.timeout is None else f"not obtained within {format_go(args.timeout)}"
-    _log(f"lock {args.prefix}/{lock.LOCK_KEY} {what}; not running the command")
-    return args.conflict_exit_code
+def status(args):
+    report = lock.status(_client(args), _lock_options(args))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['key']}: {'held' if report['held'] else 'free'} (limit {report['limit']})")
+        for h in report["holders"]:
+            print(f"  holder: session {h['session']} on node {h['node']} ({h['name']})")
+        if report["index"] is not None:
+            print(f"  fencing index: {report['index']}")
+        if report["done"] is not None:
+            print(f"  done: {json.dumps(report['done'])}")
+    return errors.OK if report["held"] else errors.CONFLICT

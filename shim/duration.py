@@ -26,3 +26,11 @@ def format_go(seconds):
     """Format seconds for Consul's Go parser, exact to the millisecond (Consul wants a unit)."""
     ms = round(seconds * 1000)
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def format_human(seconds):
+    """The largest whole unit for a message: 24h, 90m, 15s, 500ms."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return format_go(seconds)

@@ -2,79 +2,330 @@
 
 Key layout and flags are those of `consul lock` (hashicorp/consul api/lock.go and api/semaphore.go), so a fleet
 that mixes `consul lock PREFIX` and consul-locker on one prefix still has one holder:
-  * --limit 1: key PREFIX/.lock, Flags LOCK_FLAG, held with ?acquire= by one session;
-  * --limit N: contender keys PREFIX/<session> and a coordination key PREFIX/.lock, Flags SEMAPHORE_FLAG, whose
-    JSON value {"Limit": N, "Holders": {session: true}} is changed only by check-and-set.
+  * --limit 1 (LockProtocol): key PREFIX/.lock, Flags LOCK_FLAG, held with ?acquire= by one session;
+  * --limit N (SemaphoreProtocol): contender keys PREFIX/<session> and a coordination key PREFIX/.lock, Flags
+    SEMAPHORE_FLAG, whose JSON value {"Limit": N, "Holders": {session: true}} is changed only by check-and-set.
+The protocol objects only decode what Consul holds and decide what to do (pure, unit-tested); one Locker runs
+them: it owns the session, the requests, the retries and the threads.
 
-Safety rules, each of them a reason for code below:
-  * We release only what we hold (?release=our session, or a CAS that removes only our session), never DELETE a
-    key another session might hold.
-  * A hold is given up by the holder when it cannot confirm its session for TTL, counted from when the last
-    successful renewal was *sent*. Consul invalidates a session no earlier than TTL after it *received* that
-    renewal, and then refuses the key to everyone for lock-delay; so with kill-timeout < lock-delay the old
-    child is gone before a new holder can start.
-  * Transient errors (leader election, 5xx, dropped connection, agent restart) are retried with backoff and
-    jitter; they never end a hold by themselves.
+Safety rules, each of them a reason for code below (docs/safety.md has the whole argument):
+  * We release only what we hold (?release= our session, or a CAS that removes only our session), never DELETE
+    a key another session might hold.
+  * A hold is given up by its holder when it cannot confirm its session for TTL, counted from when the last
+    successful session create or renewal was *sent* (a KV write or a grant does not renew a session). Consul
+    invalidates a session no earlier than TTL after it *received* that renewal; so with kill-timeout <
+    lock-delay the old child is gone before a new holder can start:
+      - a lock key is refused by Consul itself to everyone for lock-delay after the invalidation;
+      - a semaphore slot has no such server-side delay (the slot is a CAS-updated JSON entry), so a waiter counts
+        a dead holder's slot as taken until lock-delay after it saw the holder's session gone. A waiter only
+        sees that after the invalidation, so the rule holds for every waiter, however late it arrives: nobody
+        removes a dead holder from the JSON before its own lock-delay has passed.
+  * Transient errors (leader election, 5xx, 429, dropped connection, agent restart) are retried with backoff and
+    jitter; they end a hold only through the self-fencing clock above.
 """
 
+import base64
 import json
 import os
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
 
 from shim import consul
 from shim.duration import format_go
-from shim.exitcodes import KEY_CONFLICT, ShimError
+from shim.errors import ConsulError, KeyConflict, PermissionDenied, UsageError
 
 # Magic Flags values of hashicorp/consul api: a lock key and a semaphore key must not be confused.
 LOCK_FLAG = 0x2DDCCBC058A50C18
 SEMAPHORE_FLAG = 0xE0F69A2BAA414DE0
 LOCK_KEY = ".lock"
+DONE_KEY = ".done"  # the --once marker
+
+# Consul's bounds for a session (TTL) and for lock-delay.
+MIN_TTL, MAX_TTL = 10.0, 86400.0
+MAX_LOCK_DELAY = 60.0
+# While waiting without --timeout: how long Consul may stay unreachable (in a row) before we give up with 69.
+DEFAULT_UNREACHABLE_FOR = 10.0
 
 # How long one blocking query waits. Shorter means more requests; longer means a silently dead connection (no
 # RST) is noticed later. Lost-lock detection does not depend on it: the renewer fences on its own clock.
 BLOCKING_WAIT = 30.0
-# Retry pacing for transient Consul errors: the first retry is quick (a dropped keep-alive, a leader election of
-# a few hundred ms), later ones back off so a down agent is not hammered.
+# Retry pacing for transient Consul errors: the first retry is quick (a dropped keep-alive, a leader election),
+# later ones back off so that a down agent is not hammered.
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
-# After an acquisition refused by lock-delay, Consul does not say when the delay ends; we retry on this backoff
+# After a grant refused by lock-delay, Consul does not say when the delay ends; we retry on this backoff
 # (instead of `consul lock`'s fixed 5 s) so the lock is taken at most RETRY_MAX after the delay has passed.
 LOCK_DELAY_RETRY_FIRST = 0.05
-
-
-class KeyConflict(ShimError):
-    code = KEY_CONFLICT
+# One renewal attempt may take this share of the TTL. A renewal the agent forwarded to an isolated leader hangs;
+# abandoning it early and retrying (on a new connection) lets a later attempt reach the new leader before the
+# fence. Bounded below for slow agents, above so a long TTL still retries.
+RENEW_ATTEMPT_SHARE = 0.2
+RENEW_ATTEMPT_MIN, RENEW_ATTEMPT_MAX = 1.0, 10.0
+# Before a grant, a session not confirmed for this share of the TTL is renewed first: the hold's self-fencing
+# clock starts at the last confirmation, and a hold that starts near its fence would be lost at once.
+FRESH_SHARE = 0.5
+# A request whose deadline has (nearly) passed still gets this long: a first attempt is always made.
+MIN_ATTEMPT = 0.5
 
 
 class NotAcquired(Exception):
-    """Raised by held() when the lock was not obtained (--no-wait, timeout, or stop requested)."""
+    """The lock was not obtained: held elsewhere (wait=False), the deadline passed, or we were stopped."""
+
+    BUSY, TIMEOUT, STOPPED = "busy", "timeout", "stopped"
+
+    def __init__(self, reason, key):
+        super().__init__(f"lock {key} not obtained ({reason})")
+        self.reason, self.key = reason, key
 
 
+def check_key_part(what, text):
+    """NAME and PREFIX become KV paths: Consul's router redirects a path with an empty or dot segment, and a
+    control character has no place in a key. Raise UsageError (nothing is sent to Consul)."""
+    if not text:
+        raise UsageError(f"{what} must be non-empty printable text")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise UsageError(f"{what} {text!r} contains a control character (it must be printable text)")
+    if any(seg in ("", ".", "..") for seg in text.split("/")):
+        raise UsageError(f"{what} {text!r} has an empty, '.' or '..' path segment (no leading, trailing or double /)")
+
+
+@dataclass
 class Options:
-    """What to lock and how. unreachable_for: while waiting, how long Consul may stay unreachable (in a row)
-    before acquire() gives up; None: never. (Plain classes here: `dataclasses` costs ~7 ms of start-up.)"""
+    """What to lock and how; validated on creation (UsageError), so every caller gets the same rules.
 
-    def __init__(self, prefix, limit=1, ttl=15.0, lock_delay=15.0, session_name="", unreachable_for=10.0):
-        self.prefix, self.limit, self.ttl, self.lock_delay = prefix, limit, ttl, lock_delay
-        self.session_name, self.unreachable_for = session_name, unreachable_for
+    unreachable_for: while waiting, how long Consul may stay unreachable (in a row) before acquire() gives up;
+    None: never."""
+
+    prefix: str
+    limit: int = 1
+    ttl: float = 15.0
+    lock_delay: float = 15.0
+    unreachable_for: Optional[float] = DEFAULT_UNREACHABLE_FOR
+    session_name: str = ""
+
+    def __post_init__(self):
+        check_key_part("prefix", self.prefix)
+        if not isinstance(self.limit, int) or self.limit < 1:
+            raise UsageError(f"limit must be a whole number of at least 1, got {self.limit!r}")
+        if not MIN_TTL <= self.ttl <= MAX_TTL:
+            raise UsageError(f"TTL {format_go(self.ttl)} is outside Consul's range 10s-24h")
+        if not 0 <= self.lock_delay <= MAX_LOCK_DELAY:
+            raise UsageError(f"lock-delay {format_go(self.lock_delay)} is outside Consul's range 0s-60s")
+        if not self.session_name:
+            # Unique per process and attempt (the nonce): a create whose answer was lost is found by this name.
+            nonce = os.urandom(4).hex()
+            self.session_name = f"consul-locker {self.prefix} on {socket.gethostname()} pid {os.getpid()} {nonce}"
 
     @property
     def key(self):
         return f"{self.prefix}/{LOCK_KEY}"
 
+    @property
+    def done_key(self):
+        return f"{self.prefix}/{DONE_KEY}"
 
+
+@dataclass
 class Hold:
     """A granted hold. `index` is the fencing token; `lost` is set (with `lost_reason`) if the hold ends early."""
 
-    def __init__(self, key, session, index):
-        self.key, self.session, self.index = key, session, index
-        self.lost = threading.Event()
-        self.lost_reason = ""
+    key: str
+    session: str
+    index: int
+    lost: threading.Event = field(default_factory=threading.Event)
+    lost_reason: str = ""
+
+    def env(self):
+        """What the child is told (contract: child environment)."""
+        return {
+            "CONSUL_LOCK_HELD": "true",
+            "CONSUL_LOCK_KEY": self.key,
+            "CONSUL_LOCK_SESSION": self.session,
+            "CONSUL_LOCK_INDEX": str(self.index),
+        }
 
 
+# -- protocol objects: decode and decide, no I/O --------------------------------------------------------------
+@dataclass
+class Decision:
+    """What a read of the lock's keys means for one session.
+
+    grant: the KV operation that takes (or re-takes) the lock now; None when it is not to be had.
+    holders: the sessions that hold it now (for the waiting line and --status).
+    retry_at: monotonic time at which a reserved slot (a dead semaphore holder's) frees up, if that is what
+    stands in the way; the next blocking query should not wait past it.
+    missing_contender: our own semaphore contender key is gone, so our session was invalidated.
+    """
+
+    grant: Optional[dict] = None
+    holders: tuple = ()
+    retry_at: Optional[float] = None
+    missing_contender: bool = False
+
+
+def _kv(verb, key, value=None, flags=0, session=None, index=None):
+    op = {"Verb": verb, "Key": key, "Flags": flags}
+    if value is not None:
+        op["Value"] = base64.b64encode(value).decode()
+    if session is not None:
+        op["Session"] = session
+    if index is not None:
+        op["Index"] = index
+    return op
+
+
+def _flags_conflict(key, entry, wanted):
+    return KeyConflict(
+        f"key {key} has flags {entry.get('Flags')}, not those of {wanted}: is another tool, or a "
+        "different --limit, using this prefix?"
+    )
+
+
+class LockProtocol:
+    """--limit 1: one session holds PREFIX/.lock with ?acquire (api/lock.go)."""
+
+    flags = LOCK_FLAG
+    behavior = "release"  # as `consul lock`: an invalidated session releases the key (and lock-delay starts)
+
+    def __init__(self, opts, value=b""):
+        self.opts, self.value = opts, value
+        self.watch_key, self.recurse = opts.key, False
+
+    def entry(self, entries):
+        entry = next((e for e in entries if e.get("Key") == self.opts.key), None)
+        if entry is not None and entry.get("Flags") != LOCK_FLAG:
+            raise _flags_conflict(self.opts.key, entry, "a lock (--limit 1)")
+        return entry
+
+    def decide(self, entries, session, now=0.0):
+        entry = self.entry(entries)
+        holder = (entry or {}).get("Session")
+        if holder and holder != session:
+            return Decision(holders=(holder,))
+        # Free, or already ours (a grant whose answer we never saw): a lock op by our session (re)takes it and
+        # gives a fresh ModifyIndex, so every hold has its own fencing token.
+        return Decision(grant=_kv("lock", self.opts.key, self.value, LOCK_FLAG, session))
+
+    def still_ours(self, entries, session):
+        entry = self.entry(entries)
+        return entry is not None and entry.get("Session") == session
+
+    def contender_op(self, session):
+        return None
+
+    def holders(self, entries):
+        holder = (self.entry(entries) or {}).get("Session")
+        return (holder,) if holder else ()
+
+
+def decode_semaphore(entry, key, limit):
+    """The holders recorded in a semaphore's .lock entry (None: no entry yet). Raises KeyConflict when the key
+    is not a semaphore of this limit."""
+    if entry is None:
+        return {}
+    if entry.get("Flags") != SEMAPHORE_FLAG:
+        raise _flags_conflict(key, entry, f"a semaphore (--limit {limit})")
+    if not entry.get("Value"):
+        return {}
+    try:
+        sem = json.loads(entry["Value"])
+        found, holders = sem.get("Limit"), sem.get("Holders") or {}
+    except (ValueError, AttributeError):
+        raise KeyConflict(f"key {key} does not hold a semaphore's JSON value") from None
+    if found != limit:
+        raise KeyConflict(f"the semaphore at {key} has limit {found}, this command asked for {limit}")
+    return {h: True for h, v in holders.items() if v}
+
+
+def encode_semaphore(limit, holders):
+    return json.dumps({"Limit": limit, "Holders": {h: True for h in sorted(holders)}}).encode()
+
+
+class SemaphoreProtocol:
+    """--limit N: contender keys PREFIX/<session> (held by their session, deleted with it) and the holders' JSON
+    in PREFIX/.lock, changed only by check-and-set (api/semaphore.go).
+
+    A holder whose contender key is gone has lost its session. Unlike `consul lock -n`, which prunes it at once,
+    its slot stays taken until lock-delay after *this* waiter first saw it gone (`_dead_since`): the old holder
+    fences itself at TTL and kills its tree within kill-timeout < lock-delay of Consul's invalidation, which came
+    before our sighting. Nobody removes a dead holder earlier, so a late waiter is covered too."""
+
+    flags = SEMAPHORE_FLAG
+    behavior = "delete"  # as `consul lock -n`: an invalidated session's contender key disappears
+
+    def __init__(self, opts, value=b""):
+        self.opts, self.value = opts, value
+        self.watch_key, self.recurse = opts.prefix + "/", True
+        self._dead_since = {}  # session -> monotonic time this process first saw it gone while recorded
+
+    def entry(self, entries):
+        return next((e for e in entries if e.get("Key") == self.opts.key), None)
+
+    @staticmethod
+    def alive(entries):
+        """Sessions that still hold a contender key."""
+        return {e["Session"] for e in entries if e.get("Session")}
+
+    def decide(self, entries, session, now):
+        entry = self.entry(entries)
+        recorded = decode_semaphore(entry, self.opts.key, self.opts.limit)
+        alive = self.alive(entries)
+        if session not in alive:
+            return Decision(missing_contender=True)
+        dead = [h for h in recorded if h not in alive]
+        for h in dead:
+            self._dead_since.setdefault(h, now)
+        for h in list(self._dead_since):
+            if h not in recorded:
+                del self._dead_since[h]  # removed by someone else after its delay, or released
+        reserved = [h for h in dead if now < self._dead_since[h] + self.opts.lock_delay]
+        live = [h for h in recorded if h in alive]
+        cas = int(entry["ModifyIndex"]) if entry is not None else 0
+        if session in recorded:  # a CAS whose answer we never saw did succeed: rewrite it for a fresh index
+            return Decision(grant=self._cas(live + reserved, cas), holders=tuple(live))
+        if len(live) + len(reserved) < self.opts.limit:
+            return Decision(grant=self._cas(live + reserved + [session], cas), holders=tuple(live))
+        retry_at = min((self._dead_since[h] + self.opts.lock_delay for h in reserved), default=None)
+        return Decision(holders=tuple(live + reserved), retry_at=retry_at)
+
+    def _cas(self, holders, index):
+        return _kv("cas", self.opts.key, encode_semaphore(self.opts.limit, holders), SEMAPHORE_FLAG, index=index)
+
+    def still_ours(self, entries, session):
+        try:
+            recorded = decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit)
+        except KeyConflict:
+            return False
+        return session in recorded and session in self.alive(entries)
+
+    def contender_op(self, session):
+        return _kv("lock", f"{self.opts.prefix}/{session}", self.value, SEMAPHORE_FLAG, session)
+
+    def release_op(self, entries, session):
+        """The CAS that removes only our session from the holders; None when we are not recorded."""
+        entry = self.entry(entries)
+        try:
+            recorded = decode_semaphore(entry, self.opts.key, self.opts.limit)
+        except KeyConflict:
+            return None
+        if session not in recorded:
+            return None
+        del recorded[session]
+        return self._cas(list(recorded), int(entry["ModifyIndex"]))
+
+    def holders(self, entries):
+        return tuple(decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit))
+
+
+def protocol_for(opts, value=b""):
+    return LockProtocol(opts, value) if opts.limit == 1 else SemaphoreProtocol(opts, value)
+
+
+# -- the Locker: session life, requests, retries, threads ----------------------------------------------------
 class Backoff:
     def __init__(self, first=RETRY_FIRST, cap=RETRY_MAX):
         self.first, self.cap, self.next = first, cap, first
@@ -82,52 +333,61 @@ class Backoff:
     def delay(self):
         d = self.next
         self.next = min(self.cap, self.next * 2)
-        # Jitter (from os.urandom: `random` costs start-up time): contenders that failed together do not
-        # retry together.
+        # Jitter: contenders that failed together do not retry together.
         return d * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070)
 
     def reset(self):
         self.next = self.first
 
 
-class Locker:
-    """One lock (or semaphore slot) for one process. Thread-safe: acquire() may run in a worker thread while
-    another thread calls close(). `notify` is called (from any thread) whenever the hold is lost."""
+def _next_index(old, new):
+    """The index for the next blocking query: 0 (start over) when it went backwards (agent restarted, snapshot
+    restored), as Consul's blocking-query documentation asks."""
+    return 0 if old and new < old else new
 
-    def __init__(self, client, opts, notify=lambda: None):
-        self.client, self.opts, self.notify = client, opts, notify
-        self._mutex = threading.Lock()
-        self._closed = threading.Event()
+
+class Locker:
+    """One lock (or semaphore slot) for one process.
+
+    Threads: acquire() and monitor() run in the caller's thread (the CLI's worker, or the user's); a renewal
+    thread keeps the session alive. close() may be called from any thread at any time: it never waits for a
+    request of another thread, so a stop is never held up by a hanging Consul. `notify` is called (from any
+    thread) whenever the hold is lost."""
+
+    def __init__(self, client, opts, notify=None):
+        self.client, self.opts = client, opts
+        self.notify = notify or (lambda: None)
+        value = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+        self.protocol = protocol_for(opts, value)
+        self._stop = threading.Event()  # set by close(): every wait and retry of ours ends
+        self._state = threading.Lock()  # guards the fields below; never held across a request
         self._session = None
         self._session_gone = False
-        self._confirmed_at = 0.0  # monotonic time the last successful renewal (or create) was sent
+        self._confirmed_at = 0.0  # monotonic time the last successful create or renewal of _session was sent
         self._creating = None  # while a session create is in flight: an Event, set once its outcome is settled
-        self.hold = None  # the Hold, once granted
-        self.unreachable_since = None  # monotonic time of the first of the current run of failed calls
+        self._renewer = None
+        self.hold = None
+        self.unreachable_since = None  # first of the current run of failed calls (monotonic)
         self.last_error = None
-        self._value = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
 
     # -- retry policy ------------------------------------------------------------------------------------
-    def _call(self, fn, *args, stop=None, give_up_after=None, deadline=None, **kw):
-        """Call fn, retrying transient Consul errors. PermissionDenied and 4xx are final at once.
+    def _call(self, fn, *args, deadline=None, give_up_after=None, interruptible=True, **kw):
+        """Call fn, retrying transient Consul errors with backoff. Final errors (403, 4xx, redirects, bad
+        configuration) are raised at once.
 
-        With a deadline (monotonic time), every attempt's request timeout ends at it and no retry starts after
-        it: a partitioned or frozen agent holds the caller no longer than that."""
+        deadline (monotonic): every attempt's request timeout ends at it (a first attempt gets MIN_ATTEMPT at
+        least) and no retry starts after it. give_up_after: raise once calls have failed in a row that long."""
         backoff = Backoff()
         while True:
             if deadline is not None:
-                kw["timeout"] = max(0.05, deadline - time.monotonic())
+                kw["timeout"] = max(MIN_ATTEMPT, min(consul.DEFAULT_REQUEST_TIMEOUT, deadline - time.monotonic()))
             try:
                 result = fn(*args, **kw)
                 self.unreachable_since = None
                 return result
-            except consul.PermissionDenied:
-                raise
-            except consul.HTTPError as e:
-                if e.status < 500:
+            except ConsulError as e:
+                if not e.transient:
                     raise
-                err = e
-            except consul.Unreachable as e:
                 err = e
             now = time.monotonic()
             self.last_error = err
@@ -137,360 +397,381 @@ class Locker:
                 raise err
             if deadline is not None and now >= deadline:
                 raise err
-            pause = backoff.delay() if deadline is None else min(backoff.delay(), deadline - now)
-            if (stop or self._closed).wait(pause):
+            pause = backoff.delay() if deadline is None else min(backoff.delay(), max(0.0, deadline - now))
+            if interruptible and self._stop.wait(pause):
                 raise err
+            if not interruptible:
+                time.sleep(pause)
 
     # -- session -----------------------------------------------------------------------------------------
-    def _create_session(self, stop):
-        name = self.opts.session_name or f"consul-locker {self.opts.prefix} on {socket.gethostname()} pid {os.getpid()}"
-        behavior = "release" if self.opts.limit == 1 else "delete"  # as `consul lock` / `consul lock -n`
+    def _create_session(self):
         settled = threading.Event()
-        with self._mutex:
-            if self._closed.is_set():
-                return None
+        with self._state:
+            if self._stop.is_set():
+                raise NotAcquired(NotAcquired.STOPPED, self.opts.key)
             self._creating = settled
         try:
             sent = time.monotonic()
             sid = self._call(
                 self.client.session_create,
-                name,
+                self.opts.session_name,
                 format_go(self.opts.ttl),
                 format_go(self.opts.lock_delay),
-                behavior,
-                stop=stop,
+                self.protocol.behavior,
                 give_up_after=self.opts.unreachable_for,
             )
-            with self._mutex:
-                closed = self._closed.is_set()
+            with self._state:
+                closed = self._stop.is_set()
                 if not closed:
                     self._session, self._session_gone, self._confirmed_at = sid, False, sent
             if closed:  # close() ran meanwhile and waits (on `settled`) for us to destroy this session
                 try:
                     self.client.session_destroy(sid)
-                except consul.ConsulError:
-                    pass  # close() reports it: `settled` is set, but the session may outlive us until its TTL
-                return None
+                except ConsulError:
+                    pass  # close() reports it: the session may outlive us until its TTL
+                raise NotAcquired(NotAcquired.STOPPED, self.opts.key)
         finally:
             settled.set()
-        if self.opts.limit > 1:
-            contender = f"{self.opts.prefix}/{sid}"
-            _, err = self._call(
-                self.client.kv_op,
-                "lock",
-                contender,
-                self._value,
-                SEMAPHORE_FLAG,
-                sid,
-                stop=stop,
-                give_up_after=self.opts.unreachable_for,
-            )
+        op = self.protocol.contender_op(sid)
+        if op is not None:
+            _, err = self._call(self._txn_op, op, give_up_after=self.opts.unreachable_for)
             if err:
-                raise consul.ConsulError(f"cannot create contender key {contender}: {err}")
+                raise ConsulError(f"cannot create contender key {op['Key']}: {err}")
+        if self._renewer is None:
+            self._renewer = threading.Thread(target=self._renew_loop, name="consul-locker-renew", daemon=True)
+            self._renewer.start()
         return sid
 
+    def _txn_op(self, op, timeout=consul.DEFAULT_REQUEST_TIMEOUT):
+        """One KV operation as a transaction: (entry, None) when done, (None, Consul's reasons) when refused."""
+        ok, out = self.client.txn([{"KV": op}], timeout=timeout)
+        if ok:
+            return (out[0].get("KV") if out else None) or {}, None
+        return None, "; ".join(str(e.get("What", e)) for e in out) or "transaction refused"
+
+    def _renew_once(self, sid, timeout):
+        """One renewal of sid. Returns True (confirmed), False (the session is gone); raises ConsulError."""
+        sent = time.monotonic()
+        alive = self.client.session_renew(sid, timeout=timeout)
+        with self._state:
+            if self._session != sid:
+                return alive  # a renewal of an older session: it tells nothing about the current one
+            if alive:
+                self._confirmed_at = max(self._confirmed_at, sent)
+            else:
+                self._session_gone = True
+        return alive
+
+    def _attempt_timeout(self):
+        return max(RENEW_ATTEMPT_MIN, min(RENEW_ATTEMPT_MAX, self.opts.ttl * RENEW_ATTEMPT_SHARE))
+
     def _renew_loop(self):
-        """Renew every TTL/2; fence (mark the hold lost) when the session cannot be confirmed for TTL."""
+        try:
+            self._renew_until_closed()
+        except BaseException as e:  # a bug must fence the hold, never leave it unguarded
+            self._lose(f"internal error in the renewal thread: {type(e).__name__}: {e}")
+
+    def _renew_until_closed(self):
+        """Renew every TTL/2; retry failures until the fence: the hold is lost when the session could not be
+        confirmed for TTL. Each attempt is short (a share of the TTL) so a hung one is abandoned and retried."""
         ttl = self.opts.ttl
         backoff = Backoff(cap=min(RETRY_MAX, ttl / 10))
         next_at = self._confirmed_at + ttl / 2
-        while not self._closed.wait(max(0.0, next_at - time.monotonic())):
-            sid, fence_at = self._session, self._confirmed_at + ttl
-            if sid is None:
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            with self._state:
+                sid, confirmed, hold = self._session, self._confirmed_at, self.hold
+            now = time.monotonic()
+            if sid is None or (hold is None and self._session_gone):
+                next_at = now + backoff.delay()  # being (re)created by the acquiring thread
+                continue
+            fence_at = confirmed + ttl
+            if hold is not None and now >= fence_at:
+                self._lose(f"could not confirm the session with Consul for {format_go(ttl)} (TTL): {self.last_error}")
                 return
-            sent = time.monotonic()
+            attempt = self._attempt_timeout()
+            if hold is not None:
+                attempt = max(0.1, min(attempt, fence_at - now))
             try:
-                # While held, a renewal may not wait past the fence; while waiting there is nothing to fence.
-                limit = consul.DEFAULT_REQUEST_TIMEOUT
-                if self.hold is not None:
-                    limit = max(0.2, min(limit, fence_at - sent))
-                alive = self.client.session_renew(sid, timeout=limit)
-            except consul.ConsulError as e:  # transient or not, we just could not confirm the session
+                alive = self._renew_once(sid, attempt)
+            except ConsulError as e:  # transient or not, we just could not confirm the session
                 self.last_error = e
-                now = time.monotonic()
-                if self.hold is None:  # still waiting: nothing to fence, just keep trying at a gentle pace
-                    next_at = now + backoff.delay()
-                    continue
-                if now >= fence_at:
-                    self._lose(f"could not confirm the session with Consul for {format_go(ttl)} (TTL): {e}")
-                    return
-                next_at = min(fence_at, now + backoff.delay())
+                next_at = time.monotonic() + backoff.delay()
+                if hold is not None:
+                    next_at = min(next_at, fence_at)
                 continue
             backoff.reset()
             if not alive:
-                with self._mutex:
-                    self._session_gone = True
-                self._lose("the session was invalidated or destroyed in Consul")
-                if self.hold is not None:
+                if hold is not None and hold.session == sid:
+                    self._lose("the session was invalidated or destroyed in Consul")
                     return
-                next_at = time.monotonic() + ttl / 2
+                next_at = time.monotonic() + backoff.delay()
                 continue
-            self._confirmed_at = sent
-            next_at = sent + ttl / 2
+            next_at = time.monotonic() + ttl / 2
 
     def _lose(self, reason):
-        hold = self.hold
-        if hold is not None and not hold.lost.is_set() and not self._closed.is_set():
+        with self._state:
+            hold = self.hold
+            if hold is None or hold.lost.is_set() or self._stop.is_set():
+                return
             hold.lost_reason = reason
             hold.lost.set()
-            self.notify()
+        self.notify()
 
     # -- acquisition -------------------------------------------------------------------------------------
-    def acquire(self, stop=None, deadline=None, wait=True):
-        """Block until held; return the Hold, or None when not obtained (wait=False and busy, deadline, stop).
+    def acquire(self, deadline=None, wait=True, on_busy=None):
+        """Block until held; return the Hold. Raises NotAcquired (busy with wait=False, deadline passed,
+        stopped) or a ShimError that retrying cannot fix (ACL denial, key conflict, Consul unreachable for
+        longer than opts.unreachable_for, an unexpected answer).
 
-        Raises ShimError subclasses for what retrying cannot fix: ACL denial, key conflict, Consul unreachable
-        for longer than opts.unreachable_for.
-        """
-        stop = stop or threading.Event()
-        self._create_session(stop)
-        threading.Thread(target=self._renew_loop, name="consul-locker-renew", daemon=True).start()
-        attempt = self._acquire_lock if self.opts.limit == 1 else self._acquire_semaphore
-        index, delay_backoff = None, Backoff(first=LOCK_DELAY_RETRY_FIRST)
-        while not stop.is_set() and not self._closed.is_set():
+        on_busy(holders) is called once, from this thread, when the wait begins with the lock held elsewhere.
+        A first attempt is always made, however close the deadline."""
+        key = self.opts.key
+        self._create_session()
+        index, attempted, reported = None, False, False
+        delay_backoff = Backoff(first=LOCK_DELAY_RETRY_FIRST)
+        retry_at = None
+        while True:
+            if self._stop.is_set():
+                raise NotAcquired(NotAcquired.STOPPED, key)
             if self._session_gone:
-                self._create_session(stop)
+                self._create_session()
                 index = None
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            blocking_wait = BLOCKING_WAIT if remaining is None else min(BLOCKING_WAIT, remaining)
-            state, index = attempt(index, blocking_wait, stop)
-            if state == "held":
-                return self.hold
-            if state == "busy" and not wait:
-                return None
-            if state in ("delay", "transient"):
-                # delay: free but refused, lock-delay after a holder's session was invalidated; transient: the
-                # grant met a Consul error. Neither has an index to block on, so pause before reading again.
-                if state == "delay" and not wait:
-                    return None
-                pause = delay_backoff.delay()
-                if remaining is not None:
-                    pause = min(pause, max(0.0, remaining))
-                if stop.wait(pause):
-                    return None
-        return None
+            now = time.monotonic()
+            remaining = None if deadline is None else deadline - now
+            if attempted and remaining is not None and remaining <= 0:
+                raise NotAcquired(NotAcquired.TIMEOUT, key)
+            blocking = BLOCKING_WAIT if remaining is None else max(0.0, min(BLOCKING_WAIT, remaining))
+            if retry_at is not None:
+                blocking = max(0.0, min(blocking, retry_at - now))
+            entries, new_index = self._call(
+                self.client.kv_get,
+                self.protocol.watch_key,
+                index=index,
+                wait=blocking if index else None,
+                recurse=self.protocol.recurse,
+                deadline=deadline if attempted else None,
+                give_up_after=self.opts.unreachable_for,
+            )
+            decision = self.protocol.decide(entries, self._session, time.monotonic())
+            if decision.missing_contender:
+                with self._state:
+                    self._session_gone = True
+                continue
+            if decision.grant is not None:
+                outcome = self._grant(decision.grant)
+                attempted = True
+                if isinstance(outcome, Hold):
+                    return outcome
+                if outcome == "delay":  # free, but refused for lock-delay after a holder's session ended
+                    if not wait:
+                        raise NotAcquired(NotAcquired.BUSY, key)
+                    pause = delay_backoff.delay()
+                    if remaining is not None:
+                        pause = min(pause, max(0.0, remaining))
+                    if self._stop.wait(pause):
+                        raise NotAcquired(NotAcquired.STOPPED, key)
+                index, retry_at = None, None  # read again at once: somebody else won, or a retry is due
+                continue
+            attempted = True
+            if not wait:
+                raise NotAcquired(NotAcquired.BUSY, key)
+            if not reported and on_busy is not None:
+                reported = True
+                on_busy(decision.holders)
+            retry_at = decision.retry_at
+            index = _next_index(index, new_index)
 
-    def _read(self, key, index, blocking_wait, stop, recurse=False):
-        entries, new_index = self._call(
-            self.client.kv_get,
-            key,
-            index=index,
-            wait=blocking_wait if index else None,
-            recurse=recurse,
-            stop=stop,
-            give_up_after=self.opts.unreachable_for,
-        )
-        return entries, _next_index(index, new_index)
-
-    def _grant(self, verb, key, value, flags, index, stop):
-        """Write the granting operation under the mutex, so close() never races a grant it cannot see.
-
-        One attempt only (close() must not wait behind retries); a transient error returns (None, "transient").
-        """
-        with self._mutex:
-            if self._closed.is_set() or stop.is_set():
-                return None, "stopped"
-            sent = time.monotonic()
+    def _grant(self, op):
+        """Try the granting write once. Returns the Hold, or why not: "delay", "race", "transient"."""
+        with self._state:
+            sid, confirmed = self._session, self._confirmed_at
+        if time.monotonic() - confirmed > self.opts.ttl * FRESH_SHARE:
             try:
-                entry, err = self.client.kv_op(verb, key, value, flags, self._session, index)
-            except consul.PermissionDenied:
-                raise
-            except consul.ConsulError as e:
+                if not self._renew_once(sid, self._attempt_timeout()):
+                    return "race"  # the session is gone: acquire() makes a new one
+            except ConsulError as e:
+                if not e.transient:
+                    raise
                 self.last_error = e
-                return None, "transient"
-            if entry is not None:
-                self._confirmed_at = max(self._confirmed_at, sent)  # a granted write proves the session
-                self._held(int(entry["ModifyIndex"]))
-            return entry, err
-
-    def _held(self, index):
+                return "transient"
+        if op["Verb"] == "lock":
+            op = dict(op, Session=sid)
+        try:
+            entry, err = self._txn_op(op)
+        except ConsulError as e:
+            if not e.transient:
+                raise
+            self.last_error = e
+            return "transient"
+        if entry is None:
+            if "lock delay" in err:
+                return "delay"
+            if "invalid session" in err:
+                with self._state:
+                    self._session_gone = True
+            return "race"
         # The fencing token: the Raft index of the write that granted this hold. Unlike LockIndex it keeps
         # growing when `consul lock` deletes the key between holds.
-        self.hold = Hold(key=self.opts.key, session=self._session, index=index)
-
-    def _acquire_lock(self, index, blocking_wait, stop):
-        key = self.opts.key
-        entries, new_index = self._read(key, index, blocking_wait, stop)
-        entry = entries[0] if entries else None
-        if entry is not None and entry.get("Flags") != LOCK_FLAG:
-            raise KeyConflict(_flags_conflict(key, entry, "a lock (--limit 1)"))
-        if entry is not None and entry.get("Session") == self._session:
-            self._held(int(entry["ModifyIndex"]))  # an earlier grant whose answer we never saw did succeed
-            return "held", new_index
-        if entry is not None and entry.get("Session"):
-            return "busy", new_index
-        granted, err = self._grant("lock", key, self._value, LOCK_FLAG, None, stop)
-        if granted is not None:
-            return "held", new_index
-        if "lock delay" in err:
-            return "delay", None
-        if "invalid session" in err:
-            with self._mutex:
-                self._session_gone = True
-        if err in ("stopped", "transient"):
-            return err, None
-        return "race", None  # somebody else won the race: read again at once, then block on the new holder
-
-    def _semaphore_state(self, entries):
-        prefix, limit = self.opts.prefix, self.opts.limit
-        lock_entry = next((e for e in entries if e["Key"] == self.opts.key), None)
-        if lock_entry is not None and lock_entry.get("Flags") != SEMAPHORE_FLAG:
-            raise KeyConflict(_flags_conflict(self.opts.key, lock_entry, f"a semaphore (--limit {limit})"))
-        sem = {"Limit": limit, "Holders": {}}
-        if lock_entry is not None and lock_entry["Value"]:
-            try:
-                sem = json.loads(lock_entry["Value"])
-            except ValueError:
-                raise KeyConflict(f"key {self.opts.key} does not hold a semaphore's JSON value") from None
-        if sem.get("Limit") != limit:
-            raise KeyConflict(f"semaphore at {prefix} has limit {sem.get('Limit')}, this command asked for {limit}")
-        alive = {e["Session"] for e in entries if e.get("Session")}
-        holders = {h for h, v in (sem.get("Holders") or {}).items() if v and h in alive}
-        return lock_entry, holders
-
-    def _acquire_semaphore(self, index, blocking_wait, stop):
-        entries, new_index = self._read(self.opts.prefix + "/", index, blocking_wait, stop, recurse=True)
-        lock_entry, holders = self._semaphore_state(entries)
-        if self._session not in {e.get("Session") for e in entries}:
-            with self._mutex:  # our contender key is gone: the session was invalidated while we waited
-                self._session_gone = True
-            return "race", None
-        if self._session in holders:  # an earlier CAS whose answer we never saw did succeed
-            self._held(int(lock_entry["ModifyIndex"]))
-            return "held", new_index
-        if len(holders) >= self.opts.limit:
-            return "busy", new_index
-        holders.add(self._session)
-        value = json.dumps({"Limit": self.opts.limit, "Holders": {h: True for h in sorted(holders)}}).encode()
-        cas_index = int(lock_entry["ModifyIndex"]) if lock_entry is not None else 0
-        granted, err = self._grant("cas", self.opts.key, value, SEMAPHORE_FLAG, cas_index, stop)
-        if granted is not None:
-            return "held", None
-        return (err if err in ("stopped", "transient") else "race"), None
+        hold = Hold(key=self.opts.key, session=sid, index=int(entry["ModifyIndex"]))
+        with self._state:
+            self.hold = hold  # also when close() ran meanwhile: destroying the session frees it
+        return hold
 
     # -- while held --------------------------------------------------------------------------------------
-    def start_monitor(self):
-        threading.Thread(target=self._monitor_loop, name="consul-locker-monitor", daemon=True).start()
-
-    def _still_ours(self, entries):
-        if self.opts.limit == 1:
-            return bool(entries) and entries[0].get("Session") == self._session
+    def monitor(self):
+        """Watch the key with consistent blocking queries until close(); mark the hold lost as soon as it is no
+        longer held by our session. Never raises: an unexpected error fences the hold."""
         try:
-            _, holders = self._semaphore_state(entries)
-        except KeyConflict:
-            return False
-        return self._session in holders
+            self._watch()
+        except BaseException as e:
+            self._lose(f"could not watch the lock key: {type(e).__name__}: {e}")
 
-    def _monitor_loop(self):
-        """Watch the key with blocking queries; set lost as soon as it is no longer held by our session."""
-        recurse = self.opts.limit > 1
-        key = self.opts.prefix + "/" if recurse else self.opts.key
-        index, backoff = None, Backoff()
-        while not self._closed.is_set() and not self.hold.lost.is_set():
+    def _watch(self):
+        hold, index, backoff = self.hold, None, Backoff()
+        while not self._stop.is_set() and not hold.lost.is_set():
             try:
                 entries, new_index = self.client.kv_get(
-                    key, index=index, wait=BLOCKING_WAIT if index else None, recurse=recurse, consistent=True
+                    self.protocol.watch_key,
+                    index=index,
+                    wait=BLOCKING_WAIT if index else None,
+                    recurse=self.protocol.recurse,
+                    consistent=True,
                 )
-            except consul.ConsulError as e:  # the renewer's fence covers a long outage; here we just retry
-                self.last_error = e
-                self._closed.wait(backoff.delay())
+            except ConsulError as e:
+                if not e.transient:
+                    raise
+                self.last_error = e  # the renewer's fence covers a long outage; here we just retry
+                self._stop.wait(backoff.delay())
                 continue
             backoff.reset()
-            if self._closed.is_set():
+            if self._stop.is_set():
                 return
-            if not self._still_ours(entries):
+            if not self.protocol.still_ours(entries, hold.session):
                 self._lose(f"the lock key {self.opts.key} is no longer held by this session")
                 return
             index = _next_index(index, new_index)
 
+    # -- the --once marker -------------------------------------------------------------------------------
+    def read_marker(self):
+        """The --once marker's JSON (a dict), or None when there is none."""
+        entries, _ = self._call(self.client.kv_get, self.opts.done_key, consistent=True, give_up_after=MAX_TTL)
+        if not entries or not entries[0].get("Value"):
+            return None
+        try:
+            marker = json.loads(entries[0]["Value"])
+        except ValueError:
+            return {"unreadable": entries[0]["Value"].decode("utf-8", "replace")}
+        return marker if isinstance(marker, dict) else {"value": marker}
+
+    def write_marker(self, marker, deadline):
+        """Write the marker in one transaction with a check that our session still holds the lock.
+        Returns False when it does not (nothing written); raises ConsulError when Consul cannot say."""
+        ops = [
+            {"KV": {"Verb": "check-session", "Key": self.opts.key, "Session": self.hold.session}},
+            {"KV": _kv("set", self.opts.done_key, json.dumps(marker).encode())},
+        ]
+        ok, _ = self._call(self.client.txn, ops, deadline=deadline, interruptible=False)
+        return ok
+
     # -- release -----------------------------------------------------------------------------------------
     def close(self, budget=5.0):
-        """Release what we hold (only that), then destroy the session. Idempotent; never raises.
-
-        Call it only when nothing that relied on the lock runs any more. Returns a warning text or "".
-        """
-        with self._mutex:
-            if self._closed.is_set():
+        """Release what we hold (only that), then destroy the session. Idempotent; never raises; never waits
+        for another thread's request. Call it only when nothing that relied on the lock runs any more.
+        Returns a warning text, or ""."""
+        with self._state:
+            if self._stop.is_set():
                 return ""
-            self._closed.set()
+            self._stop.set()
             sid, hold, creating = self._session, self.hold, self._creating
         if sid is None:
-            # A session create may be in flight (a stop signal right after start): wait, within the budget, for
-            # its requester to destroy what it created, instead of exiting and leaving that session to its TTL.
+            # A session create may be in flight (a stop right after start): wait, within the budget, for its
+            # requester to destroy what it created, instead of leaving that session to its TTL.
             if creating is not None and not creating.wait(budget):
                 return "a session being created when we stopped may stay in Consul until its TTL expires"
             return ""
         warning = ""
-        # The budget bounds the whole of it, hanging requests included (a partition, a frozen agent): the
-        # release may use half, the destroy (which frees the key too) the rest.
+        # The budget bounds all of it, hanging requests included: the release may use half, the destroy (which
+        # frees the key too) the rest.
         deadline = time.monotonic() + budget
+        if hold is not None:
+            try:
+                self._release(sid, deadline - budget / 2)
+            except ConsulError as e:
+                warning = f"could not release {self.opts.key} ({e}); destroying the session frees it"
         try:
-            if hold is not None:
-                if self.opts.limit == 1:
-                    self._call(
-                        self.client.kv_release,
-                        self.opts.key,
-                        sid,
-                        LOCK_FLAG,
-                        self._value,
-                        stop=threading.Event(),
-                        deadline=deadline - budget / 2,
-                    )
-                else:
-                    self._release_semaphore(sid, deadline - budget / 2)
-        except consul.ConsulError as e:
-            warning = f"could not release {self.opts.key} ({e}); destroying the session frees it"
-        try:
-            self._call(self.client.session_destroy, sid, stop=threading.Event(), deadline=deadline)
-        except consul.ConsulError as e:
+            self._call(self.client.session_destroy, sid, deadline=deadline, interruptible=False)
+        except ConsulError as e:
             warning = f"could not destroy session {sid} ({e}); Consul expires it after the TTL"
         return warning
 
-    def _release_semaphore(self, sid, deadline):
-        never = threading.Event()
-        while True:
-            entries, _ = self._call(self.client.kv_get, self.opts.key, stop=never, deadline=deadline)
-            if not entries:
-                break
-            entry = entries[0]
-            try:
-                sem = json.loads(entry["Value"])
-            except ValueError:
-                break
-            if sid not in (sem.get("Holders") or {}):
-                break
-            del sem["Holders"][sid]
-            ok, _ = self._call(
-                self.client.kv_op,
-                "cas",
-                self.opts.key,
-                json.dumps(sem).encode(),
-                SEMAPHORE_FLAG,
-                None,
-                int(entry["ModifyIndex"]),
-                stop=never,
-                deadline=deadline,
+    def _release(self, sid, deadline):
+        if isinstance(self.protocol, LockProtocol):
+            self._call(
+                self.client.kv_release, self.opts.key, sid, LOCK_FLAG, self.protocol.value,
+                deadline=deadline, interruptible=False,
+            )  # fmt: skip
+            return
+        while True:  # CAS may meet another holder's change: read again and retry, within the deadline
+            entries, _ = self._call(
+                self.client.kv_get, self.protocol.watch_key, recurse=True, deadline=deadline, interruptible=False
             )
-            if ok is not None:
-                break
-        self._call(self.client.kv_op, "delete", f"{self.opts.prefix}/{sid}", stop=never, deadline=deadline)
+            op = self.protocol.release_op(entries, sid)
+            if op is None:
+                return
+            entry, _ = self._call(self._txn_op, op, deadline=deadline, interruptible=False)
+            if entry is not None or time.monotonic() >= deadline:
+                return
 
 
-def _next_index(old, new):
-    """The index for the next blocking query: 0 (start over) when it went backwards (agent restarted, snapshot
-    restored), as Consul's blocking-query documentation asks."""
-    return 0 if old and new < old else new
+# -- read-only report ----------------------------------------------------------------------------------------
+def status(client, opts):
+    """What --status reports: a dict with key, held, limit, index, holders, done. No session is created.
+    Raises KeyConflict when the prefix holds another layout, ConsulError when Consul cannot answer."""
+    protocol = protocol_for(opts)
+    entries, _ = client.kv_get(protocol.watch_key, recurse=protocol.recurse, consistent=True)
+    sessions = protocol.holders(entries)
+    if isinstance(protocol, SemaphoreProtocol):
+        alive = protocol.alive(entries)
+        sessions = tuple(s for s in sessions if s in alive)
+    holders = []
+    for sid in sessions:
+        info = None
+        try:
+            info = client.session_info(sid)
+        except PermissionDenied:
+            pass
+        holders.append({"session": sid, "node": (info or {}).get("Node"), "name": (info or {}).get("Name")})
+    index = None
+    if isinstance(protocol, LockProtocol) and sessions:
+        index = int(protocol.entry(entries)["ModifyIndex"])
+    done_entries, _ = client.kv_get(opts.done_key, consistent=True)
+    done = None
+    if done_entries and done_entries[0].get("Value"):
+        try:
+            done = json.loads(done_entries[0]["Value"])
+        except ValueError:
+            done = {"unreadable": done_entries[0]["Value"].decode("utf-8", "replace")}
+    return {"key": opts.key, "held": bool(holders), "limit": opts.limit, "index": index, "holders": holders,
+            "done": done}  # fmt: skip
 
 
-def _flags_conflict(key, entry, wanted):
-    return (
-        f"key {key} has flags {entry.get('Flags')}, not those of {wanted}: is another tool, or a "
-        "different --limit, using this prefix?"
-    )
+def describe_holder(client, sid):
+    """'HOST pid PID' from a consul-locker session name, else 'node NODE (session name)', else the session ID
+    when the token may not read the session. Never raises: it only decorates a log line."""
+    try:
+        info = client.session_info(sid, timeout=2.0)
+    except ConsulError:
+        return f"session {sid}"
+    if not info:
+        return f"session {sid} (gone)"
+    name, node = info.get("Name") or "", info.get("Node") or "?"
+    words = name.split()
+    if len(words) >= 6 and words[0] == "consul-locker" and words[2] == "on" and words[4] == "pid":
+        return f"{words[3]} pid {words[5]} (session {sid})"
+    return f"node {node} ({name or 'unnamed session'}, session {sid})"
 
 
+# -- library use -----------------------------------------------------------------------------------------------
 @contextmanager
 def held(prefix, limit=1, ttl=15.0, lock_delay=15.0, timeout=None, wait=True, client=None):
     """Hold a Consul lock around a block of Python code::
@@ -499,18 +780,15 @@ def held(prefix, limit=1, ttl=15.0, lock_delay=15.0, timeout=None, wait=True, cl
             do_work(fencing_token=hold.index)
             if hold.lost.is_set(): ...      # the lock was lost: stop writing
 
-    Raises NotAcquired when the lock is not obtained (wait=False and busy, or timeout seconds passed).
+    Raises NotAcquired when the lock is not obtained (wait=False and busy, or timeout seconds passed), and
+    UsageError for a bad prefix or bounds.
     """
-    locker = Locker(
-        client or consul.Client(consul.Settings.from_env()),
-        Options(prefix=prefix.strip("/"), limit=limit, ttl=ttl, lock_delay=lock_delay),
-    )
+    opts = Options(prefix=prefix, limit=limit, ttl=ttl, lock_delay=lock_delay)
+    locker = Locker(client or consul.Client(consul.Settings.from_env()), opts)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         hold = locker.acquire(deadline=deadline, wait=wait)
-        if hold is None:
-            raise NotAcquired(f"lock {prefix} not obtained")
-        locker.start_monitor()
+        threading.Thread(target=locker.monitor, name="consul-locker-monitor", daemon=True).start()
         yield hold
     finally:
         locker.close()

@@ -1,34 +1,64 @@
-"""The init part: spawn the child, forward signals, reap every zombie, clean the whole tree.
+"""The init part: one event loop for the whole life -- wait for the lock, run the child, clean the tree.
 
-One loop in the main thread, as in tini: every signal and every notification from the lock's threads arrives
-as a byte on one pipe (signal.set_wakeup_fd), and the loop acts on it. Nothing polls while the child runs; the
-only timed waits are the SIGTERM -> SIGKILL grace and, while leftover descendants that are not our own children
-exit, a short re-check of the process tree (we get no SIGCHLD for a grandchild).
+As in tini, every catchable signal stays blocked in every thread (shim.entry blocks them before anything else
+runs) and the main thread takes them one at a time with sigtimedwait: a signal is never lost, none is handled
+in the middle of something else, and the siginfo says who sent it. The lock's threads report news by sending
+the process a SIGCHLD (never forwarded; it only makes the loop look at the state again).
+
+The child is forked before the lock is granted (ChildProcess): it waits at a pipe, and the grant only writes the
+lock's environment into that pipe and lets it exec. If the lock is not obtained, closing the pipe makes it exit
+without a trace. With --pid-namespace that forked process is the init of a new PID namespace instead: it runs
+the command as its own child, and when consul-locker dies (PR_SET_PDEATHSIG) the kernel kills everything in it.
 """
 
 import ctypes
+import datetime
 import errno
+import json
 import os
-import select
 import signal
+import socket
+import threading
 import time
+from dataclasses import dataclass
+from typing import Optional
 
-from shim.exitcodes import NOT_EXECUTABLE, NOT_FOUND, SIGNAL_BASE, ShimError
-from shim.log import line as say
+from shim import log
+from shim.duration import format_go
+from shim.errors import (
+    CONFLICT,
+    LOCK_LOST,
+    NOT_EXECUTABLE,
+    NOT_FOUND,
+    OK,
+    SIGNAL_BASE,
+    TIMED_OUT,
+    NamespaceError,
+    ShimError,
+    SpawnError,
+)
+from shim.lock import NotAcquired, describe_holder
 
 # Every signal a process can catch. SIGKILL/SIGSTOP cannot be caught; 32 and 33 are glibc's own (NPTL).
 CATCHABLE = frozenset(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33))
 # Signals that end the wait for the lock (no child yet): the ones a supervisor sends to stop a service.
-STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+STOPPING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 # A forwarded SIGTERM is a request to stop (docker stop, systemctl stop, the kubelet): if the child is still there
 # --kill-timeout later, it gets SIGKILL. Every other forwarded signal (HUP often means "reload", INT and QUIT are
 # the child's to interpret, USR1...) is only passed on and starts no timer.
 ESCALATED = signal.SIGTERM
-# While leftover descendants exit, how often the tree is re-read (grandchildren send us no SIGCHLD).
-TREE_RECHECK = 0.02
+# What a terminal's line discipline sends to its whole foreground process group, with si_code SI_KERNEL. When
+# the child shares our process group it has had the signal from the kernel already: sending it again would turn
+# one Ctrl-C into two (many programs take a second one as "force quit").
+KEYBOARD = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGWINCH})
+SI_KERNEL = 0x80
+# While leftover descendants exit, how often the tree is read again (grandchildren send us no SIGCHLD); it backs
+# off to the cap so that a process stuck in the kernel does not make us spin.
+TREE_RECHECK, TREE_RECHECK_MAX = 0.01, 0.5
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWPID = 0x20000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -39,44 +69,34 @@ def _prctl(option, arg):
 
 
 def become_subreaper():
-    """Unless we are PID 1 already, adopt orphaned descendants (they are re-parented to us, not to init)."""
+    """Unless we are PID 1 already, adopt orphaned descendants (they are re-parented to us, not to init), so
+    that no process of the tree can leave it and we can wait until every one of them is gone."""
     if os.getpid() != 1:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _noop(signum, frame):
-    pass
+def wake():
+    """Called from the lock's threads: make the main loop look at the state again."""
+    os.kill(os.getpid(), signal.SIGCHLD)
 
 
-class Events:
-    """Signals and thread notifications, delivered to the main thread as bytes on one non-blocking pipe.
-
-    Byte 0 is a notification (see notify()); any other byte is the number of a signal we received.
-    """
+class Signals:
+    """The main thread's only way to wait: for a signal, a thread's news (wake()) or a timeout."""
 
     def __init__(self):
-        self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        for s in CATCHABLE:
-            signal.signal(s, _noop)  # replaces inherited SIG_IGN too: the child starts with SIG_DFL after exec
-        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, CATCHABLE)  # entry.main blocked them; pending ones arrive now
-
-    def notify(self):
-        try:
-            os.write(self._w, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop will wake anyway
+        self.me = os.getpid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, CATCHABLE)  # shim.entry did it already; library callers may not
 
     def wait(self, timeout=None):
-        """Wait until something arrives or timeout seconds pass; return the signal numbers received, in order."""
-        if timeout is not None and timeout <= 0:
-            timeout = 0
-        select.select([self._r], [], [], timeout)
-        try:
-            data = os.read(self._r, 4096)
-        except BlockingIOError:
-            return []
-        return [b for b in data if b]
+        """Return the siginfo of one external signal worth acting on, or None (timeout, a child's exit, our own
+        wake-up, a signal we raised ourselves such as SIGPIPE on a closed stderr)."""
+        if timeout is None:
+            info = signal.sigwaitinfo(CATCHABLE)
+        else:
+            info = signal.sigtimedwait(CATCHABLE, max(0.0, timeout))
+        if info is None or info.si_signo == signal.SIGCHLD or info.si_pid == self.me:
+            return None
+        return info
 
 
 def exit_code(status):
@@ -99,8 +119,14 @@ def reap_all(child_pid=None):
             status_of_child = status
 
 
-class SpawnError(ShimError):
-    pass
+def has_children():
+    """Have we any child at all, exited or not? As subreaper (or PID 1) every descendant is below one of our
+    children, so "no" (ECHILD) is proof that the whole tree is gone -- a snapshot of the tree is not."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def resolve(command, env):
@@ -122,73 +148,6 @@ def resolve(command, env):
     raise SpawnError(f"{command}: command not found", NOT_FOUND)
 
 
-def spawn(argv, env, process_group=False):
-    """Fork and exec argv; return the child's pid. Raises SpawnError (126/127) when exec fails.
-
-    Signals are blocked across fork, so none is handled by the child's copy of our handlers; the child resets
-    every disposition to default and unblocks everything just before exec, so it starts clean. It asks for
-    SIGKILL when we die (PR_SET_PDEATHSIG), and checks that we had not died already before it asked.
-    """
-    path = resolve(argv[0], env)
-    parent = os.getpid()
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, CATCHABLE)
-    pid = os.fork()
-    if pid == 0:  # child: only async-signal-safe-ish work from here to exec
-        try:
-            os.close(err_r)
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:  # the parent died before prctl took effect: nobody guards the lock
-                os.kill(os.getpid(), signal.SIGKILL)
-            if process_group:
-                os.setpgid(0, 0)
-                _take_terminal()
-            signal.set_wakeup_fd(-1)
-            for s in CATCHABLE:
-                signal.signal(s, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            try:
-                os.execve(path, argv, env)
-            except OSError as e:
-                if e.errno != errno.ENOEXEC:
-                    raise
-                # A script without a shebang: run it with /bin/sh, as execvp and every shell do.
-                os.execve("/bin/sh", ["/bin/sh", path] + list(argv[1:]), env)
-        except OSError as e:
-            os.write(err_w, str(e.errno).encode())
-        finally:
-            os._exit(NOT_FOUND)
-    os.close(err_w)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    with os.fdopen(err_r, "rb") as pipe:
-        failure = pipe.read()  # EOF on successful exec (the pipe is close-on-exec)
-    if failure:
-        os.waitpid(pid, 0)
-        code = int(failure)
-        rc = NOT_FOUND if code == errno.ENOENT else NOT_EXECUTABLE
-        raise SpawnError(f"{argv[0]}: {os.strerror(code)}", rc)
-    return pid
-
-
-def _take_terminal():
-    """With --process-group, hand the terminal's foreground to the child's group, so it can read from it."""
-    try:
-        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgid(os.getppid()):
-            os.tcsetpgrp(0, os.getpid())  # SIGTTOU is blocked here, so this is allowed from the background
-    except OSError:
-        pass
-
-
-def _has_children():
-    """Cheap pre-check: have we any child at all (exited or not)? As subreaper (or PID 1) every descendant is
-    below one of our children, so "no" means no descendants, and psutil (~15 ms to import) is not needed."""
-    try:
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return False
-    return True
-
-
 def proc_is_ours():
     """Whether /proc shows our own PID namespace. `unshare --pid --fork` without --mount-proc keeps the host's
     /proc, where "PID 1" is the host's init and its descendants are the whole machine: we must not walk that."""
@@ -200,7 +159,7 @@ def proc_is_ours():
 
 def _descendants():
     """Every live process below us (psutil is imported here: most runs leave no descendants to look at)."""
-    if not _has_children() or not proc_is_ours():
+    if not has_children() or not proc_is_ours():
         return []
     import psutil
 
@@ -218,133 +177,463 @@ def _descendants():
     return alive
 
 
-def _signal_procs(procs, sig):
+def _signal_procs(procs, *sigs):
     import psutil
 
     for p in procs:
+        for sig in sigs:
+            try:
+                p.send_signal(sig)  # psutil checks the create time first: never a recycled PID
+            except psutil.Error:
+                break
+
+
+# -- the child ---------------------------------------------------------------------------------------------
+def _exec(path, argv, env, err_w):
+    """In a forked process: start clean (default dispositions, empty mask) and exec. Never returns."""
+    try:
+        for s in CATCHABLE:
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         try:
-            p.send_signal(sig)  # psutil checks the create time first: never a recycled PID
-        except psutil.Error:
-            pass
+            os.execve(path, argv, env)
+        except OSError as e:
+            if e.errno != errno.ENOEXEC:
+                raise
+            # A script without a shebang: run it with /bin/sh, as execvp and every shell do.
+            os.execve("/bin/sh", ["/bin/sh", path] + list(argv[1:]), env)
+    except OSError as e:
+        os.write(err_w, str(e.errno).encode())
+    finally:
+        os._exit(NOT_FOUND)
 
 
-def _terminate_procs(procs):
-    """SIGTERM, then SIGCONT: a stopped process (SIGSTOP, a forwarded SIGTSTP) would otherwise hold the TERM
-    pending and be killed only at the SIGKILL deadline, without its chance to clean up."""
-    _signal_procs(procs, signal.SIGTERM)
-    _signal_procs(procs, signal.SIGCONT)
+def _take_terminal():
+    """With --process-group, hand the terminal's foreground to the child's group, so it can read from it."""
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgid(os.getppid()):
+            os.tcsetpgrp(0, os.getpid())  # SIGTTOU is blocked here, so this is allowed from the background
+    except OSError:
+        pass
 
 
-class Supervisor:
-    """Run one child to its end and leave no process behind. The caller owns Events and the lock."""
+def _forwardable(info, child_pgid):
+    """Not a keyboard signal that the kernel already gave the child's process group (it is ours too)."""
+    return not (info.si_code == SI_KERNEL and info.si_signo in KEYBOARD and child_pgid == os.getpgrp())
 
-    def __init__(self, events, kill_timeout=10.0, process_group=False, log=None):
-        self.events = events
-        self.kill_timeout = kill_timeout
-        self.process_group = process_group
-        self.log = log or (lambda line: None)  # shim.log.line from the CLI: it never raises
+
+class ChildProcess:
+    """COMMAND, forked before the lock is granted and held at a pipe until go().
+
+    go() and discard() may race (the lock's thread grants while the main loop takes a stop signal): a mutex
+    makes exactly one of them win, and the winner decides whether the command ever runs."""
+
+    def __init__(self, argv, env, process_group=False, pid_namespace=False, kill_timeout=10.0):
+        self.argv, self.env = argv, env
+        self.process_group, self.pid_namespace, self.kill_timeout = process_group, pid_namespace, kill_timeout
+        self.path = resolve(argv[0], env)  # 126/127 before we touch Consul
         self.pid = None
+        self.started = False
+        self._decided = threading.Lock()
+        self._done = False
+        self._go_w = self._err_r = None
 
-    def _forward(self, sig):
-        target = -self.pid if self.process_group else self.pid
+    def fork(self):
+        """Fork the waiting process. Call it from the main thread before any other thread exists."""
+        if self.pid_namespace:
+            try:
+                os.unshare(CLONE_NEWPID)  # our next child is PID 1 of a new namespace
+            except OSError as e:
+                raise NamespaceError(
+                    f"--pid-namespace: cannot create a PID namespace ({e.strerror}); it needs root (CAP_SYS_ADMIN), "
+                    "or run consul-locker under `unshare --user --map-root-user`; in a container the container's "
+                    "own PID namespace already gives this protection"
+                ) from None
+        go_r, self._go_w = os.pipe2(os.O_CLOEXEC)
+        self._err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the waiting process: single-threaded, every signal blocked (inherited)
+            try:
+                os.close(self._go_w)
+                os.close(self._err_r)
+                _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if consul-locker dies, so do we (and our namespace)
+                if self.process_group and not self.pid_namespace:
+                    os.setpgid(0, 0)
+                message = b""
+                while chunk := os.read(go_r, 65536):  # EOF without a go-ahead: discarded, or our parent died
+                    message += chunk
+                if not message:
+                    os._exit(0)
+                env = dict(self.env, **json.loads(message))
+                if self.pid_namespace:
+                    os._exit(_namespace_init(self, env, err_w))
+                if self.process_group:
+                    _take_terminal()
+                _exec(self.path, self.argv, env, err_w)
+            finally:
+                os._exit(NOT_FOUND)
+        os.close(go_r)
+        os.close(err_w)
+        if self.process_group and not self.pid_namespace:
+            try:
+                os.setpgid(pid, pid)  # also here, so the group exists before we ever signal it
+            except OSError:
+                pass
+        self.pid = pid
+        return self
+
+    def go(self, extra_env):
+        """Let the child exec, with extra_env added to its environment. False if it was discarded first."""
+        with self._decided:
+            if self._done:
+                return False
+            self._done = True
+            payload = json.dumps(extra_env).encode()
+            try:
+                os.write(self._go_w, payload)  # far below PIPE_BUF: one write, never partial
+            finally:
+                os.close(self._go_w)
+            self.started = True
+            return True
+
+    def discard(self):
+        """Make the waiting child exit without running COMMAND. False if it had been started already."""
+        with self._decided:
+            if self._done:
+                return not self.started
+            self._done = True
+            os.close(self._go_w)
+            return True
+
+    def spawn_error(self):
+        """After the child was reaped: the SpawnError its exec met, or None."""
+        try:
+            data = os.read(self._err_r, 64)
+        except OSError:
+            data = b""
+        if not data:
+            return None
+        code = int(data)
+        return SpawnError(f"{self.argv[0]}: {os.strerror(code)}", NOT_FOUND if code == errno.ENOENT else NOT_EXECUTABLE)
+
+    def signal(self, sig):
+        """Send sig to the child (its whole group with --process-group; with --pid-namespace its init forwards
+        it). Only before the child is reaped: until then its PID cannot be recycled."""
+        target = -self.pid if self.process_group and not self.pid_namespace else self.pid
         try:
             os.kill(target, sig)
         except ProcessLookupError:
             pass
 
-    def run(self, argv, env, lost=None, started=None):
-        """Spawn argv and supervise it. `lost` (a threading.Event) set from another thread, with an
-        events.notify(), makes the whole tree be terminated at once. `started` is called once the child exists;
-        if it fails, the tree is killed. Returns the child's wait status."""
-        self.pid = spawn(argv, env, self.process_group)
+    def pgid(self):
         try:
-            if started is not None:
-                # Called after the fork, not before: Thread.start() (the lock monitor) waits for the new thread to
-                # run, and its first request competes for the GIL; before the fork that delayed the child by ms.
-                started()
-            return self._supervise(argv, lost)
-        except BaseException:
-            # A bug, or a failure nobody foresaw, must not end with the caller releasing the lock under a live
-            # tree: kill all of it, and wait for it, first.
-            self._kill_tree()
-            raise
+            return os.getpgid(self.pid)
+        except OSError:
+            return None
 
-    def _supervise(self, argv, lost):
-        self.log(f"child pid {self.pid} started: {argv!r}")
+
+def _namespace_init(child, env, err_w):
+    """PID 1 of the --pid-namespace: run COMMAND, forward what consul-locker sends, reap, and when COMMAND ends,
+    end every other process of the namespace (TERM, then KILL after kill-timeout). Returns the exit code to
+    leave with: COMMAND's, as a shell reports it. If consul-locker dies, PDEATHSIG kills us, and the kernel the
+    whole namespace."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if child.process_group:
+                os.setpgid(0, 0)
+                _take_terminal()
+            _exec(child.path, child.argv, env, err_w)
+        finally:
+            os._exit(NOT_FOUND)
+    command_pgid = pid if child.process_group else os.getpgrp()
+    status = None
+    while status is None:
+        info = signal.sigwaitinfo(CATCHABLE)
+        if info.si_signo != signal.SIGCHLD and _forwardable(info, command_pgid):
+            try:
+                os.kill(-pid if child.process_group else pid, info.si_signo)
+            except ProcessLookupError:
+                pass
+        status = reap_all(pid)
+    # kill(-1) from a namespace's init reaches every other process of the namespace, however it forked.
+    for sig, until in ((signal.SIGTERM, time.monotonic() + child.kill_timeout), (signal.SIGKILL, None)):
+        for s in (sig, signal.SIGCONT):
+            try:
+                os.kill(-1, s)
+            except ProcessLookupError:
+                break
+        while has_children() and (until is None or time.monotonic() < until):
+            reap_all()
+            signal.sigtimedwait({signal.SIGCHLD}, TREE_RECHECK)
+        if not has_children():
+            break
+    return exit_code(status) & 0xFF
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+# Budgets for the last Consul calls (release, destroy): short after a stop signal, which must end us within 1 s.
+CLOSE_BUDGET = 5.0
+CLOSE_BUDGET_STOPPING = 0.5
+
+
+class Outcome:
+    """How the child's part ended: its wait status, and whether we ended it for the lock's sake."""
+
+    def __init__(self):
+        self.status = None
+        self.lost = False  # the lock was lost while the tree ran
+        self.timed_out = False  # --max-runtime passed
+        self.spawn_error = None
+
+
+@dataclass
+class Plan:
+    """What the command line asked for, as the life loop needs it."""
+
+    deadline: Optional[float] = None  # monotonic time to stop waiting for the lock (--timeout)
+    wait: bool = True  # False: --no-wait
+    kill_timeout: float = 10.0
+    max_runtime: Optional[float] = None
+    once: bool = False
+    once_token: Optional[str] = None
+    conflict_code: int = CONFLICT
+    success_codes: frozenset = frozenset()  # -e: the child's own statuses that count as 0
+
+
+class AlreadyDone:
+    """The --once marker was found after acquiring: nothing to run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+
+def marker_matches(marker, token):
+    """A marker counts for a run with the same --once-token (no token matches a marker without one)."""
+    return marker is not None and marker.get("token") == token
+
+
+class _Worker(threading.Thread):
+    """The lock's side of the life, off the main thread (requests block): acquire, check the --once marker,
+    let the child go (no thread hop between the grant and the exec), then watch the key until the end."""
+
+    def __init__(self, locker, child, plan):
+        super().__init__(name="consul-locker-lock", daemon=True)
+        self.locker, self.child, self.plan = locker, child, plan
+        self.result = None  # what ended the wait without a child: an exception or AlreadyDone
+
+    def run(self):
+        try:
+            hold = self.locker.acquire(self.plan.deadline, self.plan.wait, on_busy=self._waiting)
+            if self.plan.once:
+                marker = self.locker.read_marker()
+                if marker_matches(marker, self.plan.once_token):
+                    self.result = AlreadyDone(marker)
+                    self.child.discard()
+                    return
+            if self.child.go(hold.env()):
+                wake()
+                self.locker.monitor()
+        except BaseException as e:
+            self.result = e
+        finally:
+            wake()
+
+    def _waiting(self, holders):
+        if log.quiet():
+            return
+        who = ", ".join(describe_holder(self.locker.client, h) for h in holders[:5])
+        who = who or "a holder whose session ended (its slot is kept for --lock-delay)"
+        log.info(f"waiting for {self.locker.opts.key}, held by {who}")
+
+
+class Supervisor:
+    """The whole life, in one loop on the main thread: wait for the lock (signals end the wait), run the child
+    (forward, reap, escalate, watch for a lost lock and --max-runtime), clean the tree until we have no child
+    left at all, write the --once marker, release, and say what the exit code is."""
+
+    def __init__(self, signals, child, plan):
+        self.signals, self.child, self.plan = signals, child, plan
+        self.kill_timeout, self.max_runtime = plan.kill_timeout, plan.max_runtime
+        self.pending_term = False
+        self.early_status = None
+
+    def live(self, locker):
+        budget = CLOSE_BUDGET
+        try:
+            worker = _Worker(locker, self.child, self.plan)
+            worker.start()
+            code = self._wait(worker, locker)
+            if code is not None:
+                if code >= SIGNAL_BASE:
+                    budget = CLOSE_BUDGET_STOPPING
+                return code
+            return self._verdict(self.run(locker.hold.lost), locker)
+        finally:
+            self._discard_unstarted()
+            warning = locker.close(budget)
+            if warning:
+                log.say(f"warning: {warning}")
+
+    def _wait(self, worker, locker):
+        """Until the child is started (None) or the wait ended without it (an exit code, or an exception)."""
+        while not self.child.started:
+            if worker.result is not None:
+                return self._not_started(worker.result, locker)
+            info = self.signals.wait()
+            if info is not None and info.si_signo in STOPPING:
+                if self.child.discard():
+                    log.say(f"signal {info.si_signo} while waiting for the lock: not running the command")
+                    return SIGNAL_BASE + info.si_signo
+                # Granted and started meanwhile: the signal is the child's now.
+                self.child.signal(info.si_signo)
+                self.pending_term = info.si_signo == ESCALATED
+            elif info is not None:
+                log.debug(f"signal {info.si_signo} while waiting for the lock: no child to forward it to")
+            status = reap_all(self.child.pid)  # as PID 1 we may adopt orphans even before the child exists
+            if status is not None and self.child.started:
+                self.early_status = status  # started and already gone: run() must not wait for it
+            elif status is not None and self.child.discard():
+                raise ShimError(
+                    f"the process prepared for the command (pid {self.child.pid}) died before the lock was granted "
+                    f"(status {exit_code(status)})",
+                    exit_code(status),
+                )
+        return None
+
+    def _not_started(self, result, locker):
+        key = locker.opts.key
+        if isinstance(result, AlreadyDone):
+            log.info(f"{key}: already done (marker {locker.opts.done_key}: {json.dumps(result.marker)}); not running "
+                     "the command")  # fmt: skip
+            return OK
+        if isinstance(result, NotAcquired):
+            if locker.unreachable_since is not None and locker.last_error is not None:
+                raise locker.last_error
+            what = "held elsewhere" if result.reason != NotAcquired.TIMEOUT else "not obtained in time"
+            log.say(f"lock {key} {what}; not running the command")
+            return self.plan.conflict_code
+        raise result
+
+    def _discard_unstarted(self):
+        """A child that never got the go-ahead exits at EOF of its pipe: reap it, so nothing is left."""
+        if self.child.pid is None or self.child.started:
+            return
+        self.child.discard()
+        give_up_at = time.monotonic() + 1.0
+        while reap_all(self.child.pid) is None and has_children():
+            if time.monotonic() >= give_up_at:
+                self.child.signal(signal.SIGKILL)
+                give_up_at = float("inf")
+            signal.sigtimedwait({signal.SIGCHLD}, TREE_RECHECK)
+            if not has_children():
+                break
+
+    def _verdict(self, out, locker):
+        """The exit code: ours when we ended the child (lost lock, --max-runtime), else the child's, after the
+        --once marker and -e."""
+        hold = locker.hold
+        if out.lost:
+            log.say(f"error: lock lost while the child ran ({hold.lost_reason}); the child was terminated")
+            return LOCK_LOST
+        if out.timed_out:
+            log.say(f"error: --max-runtime {format_go(self.max_runtime)} reached; the child was terminated")
+            return TIMED_OUT
+        if out.spawn_error is not None:
+            raise out.spawn_error
+        code = exit_code(out.status)
+        if self.plan.once and code == 0:
+            marker = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "session": hold.session,
+                "index": hold.index,
+                "token": self.plan.once_token,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            if not locker.write_marker(marker, time.monotonic() + CLOSE_BUDGET):
+                log.say(f"error: lock lost before the --once marker {locker.opts.done_key} was written")
+                return LOCK_LOST
+        return OK if code in self.plan.success_codes else code
+
+    def run(self, lost=None):
+        """Supervise the started child until the whole tree is gone. `lost` is the hold's Event."""
+        out = Outcome()
+        child = self.child
+        log.debug(f"child pid {child.pid} started: {child.argv!r}")
         if not proc_is_ours():
-            say(
+            log.say(
                 "warning: /proc belongs to another PID namespace (mount a fresh one, e.g. unshare "
                 "--mount-proc): descendants left by the child cannot be found, only reaped"
             )
-        status, kill_at, killed, terminating = None, None, False, False
-        while True:
-            timeout = None if kill_at is None or killed else kill_at - time.monotonic()
+        child_pgid = child.pgid()
+        started = time.monotonic()
+        end_at = None if self.max_runtime is None else started + self.max_runtime
+        kill_at, killed, terminating = None, False, False
+        if self.pending_term:  # a SIGTERM forwarded while the child was being started
+            kill_at = started + self.kill_timeout
+        out.status = self.early_status
+        while out.status is None:
+            due = [t for t in (None if killed else kill_at, None if terminating else end_at) if t is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else None
             if lost is not None and lost.is_set() and not terminating:
-                timeout = 0  # lost before we looked (its wake-up byte may have been read already): act now
+                timeout = 0  # lost before we looked (its wake-up may have been taken already): act now
+            info = self.signals.wait(timeout)
             # Forward before reaping: until reap_all() has collected it, the child's PID is still ours (at worst
             # a zombie), so no signal can reach a recycled PID.
-            for sig in self.events.wait(timeout):
-                if sig == signal.SIGCHLD:
-                    continue
-                self.log(f"forwarding signal {sig} to child {self.pid}")
-                self._forward(sig)
-                if sig == ESCALATED and kill_at is None:
+            if info is not None and _forwardable(info, child_pgid):
+                log.debug(f"forwarding signal {info.si_signo} to child {child.pid}")
+                child.signal(info.si_signo)
+                if info.si_signo == ESCALATED and kill_at is None:
                     kill_at = time.monotonic() + self.kill_timeout
-            status = reap_all(self.pid)
-            if status is not None:
+            out.status = reap_all(child.pid)
+            if out.status is not None:
                 break
+            now = time.monotonic()
+            reason = None
             if lost is not None and lost.is_set() and not terminating:
-                # Lost lock: the whole tree at once, so all of it is gone within kill-timeout of detection.
-                self.log("lock lost: terminating the child and its descendants")
+                out.lost, reason = True, "lock lost"
+            elif end_at is not None and now >= end_at and not terminating:
+                out.timed_out, reason = True, f"--max-runtime reached after {now - started:.1f}s"
+            if reason:
+                # The whole tree at once, so all of it is gone within kill-timeout.
+                log.debug(f"{reason}: terminating the child and its descendants")
                 terminating = True
-                self._forward(signal.SIGTERM)
-                self._forward(signal.SIGCONT)
-                _terminate_procs([p for p in _descendants() if p.pid != self.pid])
-                deadline = time.monotonic() + self.kill_timeout
-                kill_at = deadline if kill_at is None else min(kill_at, deadline)
-            if kill_at is not None and not killed and time.monotonic() >= kill_at:
-                self.log(f"child {self.pid} still running {self.kill_timeout}s after SIGTERM: SIGKILL")
-                self._forward(signal.SIGKILL)
+                child.signal(signal.SIGTERM)
+                child.signal(signal.SIGCONT)
+                _signal_procs([p for p in _descendants() if p.pid != child.pid], signal.SIGTERM, signal.SIGCONT)
+                kill_at = min(kill_at or now + self.kill_timeout, now + self.kill_timeout)
+            if kill_at is not None and not killed and now >= kill_at:
+                log.debug(f"child {child.pid} still running {self.kill_timeout}s after SIGTERM: SIGKILL")
+                child.signal(signal.SIGKILL)
                 _signal_procs(_descendants(), signal.SIGKILL)
                 killed = True
+        out.spawn_error = child.spawn_error()
         # The main child is reaped: its PID may be recycled from here on, so we never signal it again.
-        self.pid = None
         self.clean_tree(kill_at)
-        return status
-
-    def _kill_tree(self):
-        """SIGKILL the child and every descendant; return once they are reaped (or kill-timeout has passed: a
-        process stuck in the kernel cannot be waited for forever)."""
-        if self.pid is not None:
-            self._forward(signal.SIGKILL)
-        give_up_at = time.monotonic() + self.kill_timeout
-        while True:
-            procs = _descendants()
-            _signal_procs(procs, signal.SIGKILL)
-            if reap_all(self.pid) is not None:
-                self.pid = None
-            if not procs or time.monotonic() >= give_up_at:
-                return
-            time.sleep(TREE_RECHECK)
+        if lost is not None and lost.is_set():
+            out.lost = True  # leftovers ran without the lock
+        return out
 
     def clean_tree(self, kill_at=None):
-        """TERM every remaining descendant, KILL what is left at kill_at (default now + kill-timeout), and
-        return only when the tree is gone (adopted orphans reaped). Signals that arrive meanwhile are dropped:
-        the process they were meant for has exited."""
+        """TERM every remaining descendant (new ones too: a process may keep forking), KILL whatever is left at
+        kill_at (default now + kill-timeout), and return only when we have no child at all (ECHILD): then no
+        process of the tree can be left. Signals that arrive meanwhile are dropped: their target has exited."""
         procs = _descendants()
-        if not procs:
-            reap_all()
-            return
-        self.log(f"{len(procs)} descendant(s) left after the child exited: SIGTERM")
+        if procs:
+            log.debug(f"{len(procs)} descendant(s) left after the child exited: SIGTERM")
         if kill_at is None:
             kill_at = time.monotonic() + self.kill_timeout
-        termed = set()
-        while procs:
+        termed, pause = set(), TREE_RECHECK
+        while True:
+            reap_all()
+            if not has_children():
+                return
+            procs = _descendants()
             if time.monotonic() >= kill_at:
                 _signal_procs(procs, signal.SIGKILL)
             else:
-                _terminate_procs([p for p in procs if p not in termed])
+                _signal_procs([p for p in procs if p not in termed], signal.SIGTERM, signal.SIGCONT)
                 termed.update(procs)  # psutil.Process compares by pid and create time
-            self.events.wait(min(TREE_RECHECK, max(0.0, kill_at - time.monotonic())) or TREE_RECHECK)
-            reap_all()
-            procs = _descendants()
+            self.signals.wait(min(pause, max(0.0, kill_at - time.monotonic())) or pause)
+            pause = min(TREE_RECHECK_MAX, pause * 1.5)
