@@ -35,6 +35,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections import namedtuple
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -491,7 +492,8 @@ class Client:
         if endpoint.scheme == "https":
             self._verify, self._cert = _tls_settings(settings)
         self._local = threading.local()
-        self._sessions = []
+        # Every thread's session, for close(); weak, so a finished thread's session (and socket) goes with it.
+        self._sessions = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
 
     # -- transport ---------------------------------------------------------------------------------------
@@ -510,14 +512,14 @@ class Client:
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             with self._sessions_lock:
-                self._sessions.append(session)
+                self._sessions.add(session)
             self._local.session, self._local.adapter = session, adapter
         return adapter
 
     def close(self):
         """Close every connection this client opened, in every thread (a thread that calls again reconnects)."""
         with self._sessions_lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions = list(self._sessions), weakref.WeakSet()
         for session in sessions:
             session.close()
         self._local = threading.local()
@@ -571,7 +573,7 @@ class Client:
     def _transport_error(self, method, path, error):
         if self.verbose:
             self._log(self._redact(f"<- {method} {path} failed: {type(error).__name__}: {error}"))
-        refused = self._verify is not False and _certificate_refused(error, self.address)
+        refused = _certificate_refused(error, self.address)
         if refused:
             return refused
         e = Unreachable(f"Consul at {self.address} is unreachable: {self._redact(_describe(error))}")
@@ -595,7 +597,7 @@ class Client:
         else:
             given = "the token given"
         return PermissionDenied(
-            f"Consul ACL denied {method} {path} ({text.strip()}): {given}; it needs "
+            f"Consul ACL denied {method} {path} ({_one_line(text)}): {given}; it needs "
             f"{_needed_permission(method, path, body)} -- set it with --token, --token-file or CONSUL_HTTP_TOKEN",
             403,
             text,
@@ -614,7 +616,10 @@ class Client:
                 raise BadAnswer(f"Consul at {self.address}: PUT {path} answered without a session ID")
             return payload["ID"]
         except (Unreachable, HTTPError, BadAnswer) as lost:
-            if isinstance(lost, PermissionDenied) or not lost.transient or getattr(lost, "never_sent", False):
+            # Consul's own error statuses mean it made nothing; a gateway's 502/504 may come after it did.
+            if isinstance(lost, HTTPError) and lost.status not in (502, 504):
+                raise
+            if not lost.transient or getattr(lost, "never_sent", False):
                 raise
             try:
                 found = self._find_session(name, timeout)

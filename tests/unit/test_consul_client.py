@@ -6,6 +6,7 @@ can assert that nothing reached it (input refused before sending) or that a crea
 """
 
 import base64
+import gc
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ from collections import namedtuple
 from urllib.parse import urlsplit
 
 import pytest
+from lib.consul_agent import wait_until
 
 from shim import consul
 from shim.errors import UsageError
@@ -38,6 +40,7 @@ class FakeServer:
         self.routes = {}
         self.requests = []
         self.connections = 0
+        self.closed = 0  # connections the client closed (or that we closed)
         self.port = None if family == socket.AF_UNIX else self.listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -77,6 +80,7 @@ class FakeServer:
         except OSError:
             return
         finally:
+            self.closed += 1
             try:
                 conn.close()
             except OSError:
@@ -243,6 +247,17 @@ def test_each_thread_has_its_own_connection(server):
     c.close()
     c.kv_get("k")
     assert server.connections == 3
+
+
+def test_a_finished_threads_connection_is_closed_with_it(server):
+    server.routes[("GET", "/v1/kv/k")] = answer(200, KV, {"X-Consul-Index": "1"})
+    c = client_for(server)
+    t = threading.Thread(target=c.kv_get, args=("k",))
+    t.start()
+    t.join()
+    del t
+    gc.collect()
+    wait_until(lambda: server.closed == 1, 5, message="the finished thread's connection to close")
 
 
 # -- what is transient and what is final ---------------------------------------------------------------------
@@ -431,11 +446,28 @@ def test_a_lost_create_whose_lookup_fails_raises_unreachable(server):
     assert sum(r.path == "/v1/session/create" for r in server.requests) == 1
 
 
-def test_a_create_answered_with_500_is_looked_up_before_giving_up(server):
+def test_a_create_answered_by_a_gateway_timeout_is_looked_up_before_giving_up(server):
     # A gateway's 502/504 may come after Consul made the session.
     server.routes[("PUT", "/v1/session/create")] = answer(504, b"gateway timeout")
     server.routes[("GET", "/v1/session/list")] = answer(200, [{"ID": "ours", "Name": "n4"}])
     assert client_for(server).session_create("n4", "15s", "15s") == "ours"
+
+
+def test_a_create_refused_by_consul_is_not_looked_up(server):
+    server.routes[("PUT", "/v1/session/create")] = answer(500, b"No cluster leader")
+    with pytest.raises(consul.HTTPError) as e:
+        client_for(server).session_create("n5", "15s", "15s")
+    assert e.value.transient and "No cluster leader" in str(e.value)
+    assert [r.path for r in server.requests] == ["/v1/session/create"]
+
+
+def test_a_create_refused_before_connecting_is_not_looked_up():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(consul.Unreachable) as e:
+        consul.Client(consul.Settings(addr=f"127.0.0.1:{port}")).session_create("n6", "15s", "15s")
+    assert "session list" not in str(e.value)
 
 
 def test_session_info(server):
