@@ -11,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.consul-locker-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import shim, requests, psutil" 2>/dev/null; then
+installed='import importlib.metadata as m, requests, psutil; m.version("consul-locker")'
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "$installed" 2>/dev/null; then
     .venv/bin/python -m pip install -qq --upgrade pip >/dev/null 2>&1 || true
     # -qq: errors only (not the machine's pip-config warnings nor setuptools' notes on editable installs)
     .venv/bin/python -m pip install -qq -e '.[test]'
