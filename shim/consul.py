@@ -12,6 +12,9 @@ What it does, and why this way:
   are set for the internet must still reach its local agent. Everything is read and checked once, when the
   client is built (the session does not look at the environment: `trust_env` is off), so bad input is exit 2
   before anything is sent, and a call does no more work than requests needs to send one prepared request.
+- TLS through requests' `verify`/`cert`: CONSUL_CACERT (a file) or CONSUL_CAPATH (a hashed directory), else the
+  system's CA store as the CLI uses it; CONSUL_TLS_SERVER_NAME is the name sent (SNI) and checked, set on urllib3's
+  connections by our transport adapter; CONSUL_HTTP_SSL_VERIFY=false turns checking off.
 - Header values (token, basic auth) are checked before anything is sent: a CR/LF or a non-ASCII character is a
   usage error, never a request with an injected header.
 - No retries, no redirects: urllib3 is told to retry nothing and requests to follow nothing. Only the caller

@@ -10,9 +10,12 @@ import gc
 import json
 import os
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
+import warnings
 from collections import namedtuple
 from urllib.parse import urlsplit
 
@@ -31,7 +34,8 @@ class FakeServer:
     """A one-thread-per-connection HTTP/1.1 server. `routes[(method, path)]` is a handler(conn, request) that
     writes the answer and returns True to keep the connection open. Unknown routes answer 404."""
 
-    def __init__(self, family=socket.AF_INET, address=("127.0.0.1", 0)):
+    def __init__(self, family=socket.AF_INET, address=("127.0.0.1", 0), tls=None):
+        self.tls = tls  # an ssl.SSLContext: TLS on every connection
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         if family != socket.AF_UNIX:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -57,8 +61,10 @@ class FakeServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
-        reader = conn.makefile("rb")
         try:
+            if self.tls:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            reader = conn.makefile("rb")
             while True:
                 line = reader.readline()
                 if not line:
@@ -657,7 +663,49 @@ def test_a_settings_made_by_hand_ignores_the_proxy_environment(server, monkeypat
     assert client_for(server, addr=f"http://127.0.0.1:{server.port}").kv_get("k")[1] == 4
 
 
-# -- TLS set-up ----------------------------------------------------------------------------------------------
+# -- TLS -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """A TLS server on loopback whose certificate names only consul.example; records the SNI names it was sent."""
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=consul",
+                    "-addext", "subjectAltName=DNS:consul.example", "-keyout", d / "key.pem", "-out", d / "cert.pem"],
+                   check=True, capture_output=True)  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(d / "cert.pem", d / "key.pem")
+    sni = []
+    context.sni_callback = lambda sock, name, ctx: sni.append(name)
+    s = FakeServer(tls=context)
+    s.sni = sni
+    s.routes[("PUT", "/v1/session/destroy/s")] = answer(200, b"true")
+    s.ca = str(d / "cert.pem")
+    yield s
+    s.close()
+
+
+def tls_client(server, **env):
+    return consul.Client(consul.Settings.from_env(env={"CONSUL_HTTP_ADDR": f"https://127.0.0.1:{server.port}", **env}))
+
+
+def test_tls_server_name_is_sent_and_checked(tls_server):
+    client = tls_client(tls_server, CONSUL_CACERT=tls_server.ca, CONSUL_TLS_SERVER_NAME="consul.example:8501")
+    client.session_destroy("s")
+    assert tls_server.sni[-1] == "consul.example"
+
+
+@pytest.mark.parametrize("env", [{}, {"CONSUL_TLS_SERVER_NAME": "elsewhere.example"}], ids=["unknown-ca", "wrong-name"])
+def test_a_certificate_that_does_not_verify_is_final(tls_server, env):
+    with pytest.raises(consul.ConsulError) as e:
+        tls_client(tls_server, **env).session_destroy("s")
+    assert not e.value.transient and "certificate" in str(e.value)
+
+
+def test_verification_off_works_and_warns_nothing(tls_server):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tls_client(tls_server, CONSUL_HTTP_SSL_VERIFY="false").session_destroy("s")
 
 
 def test_missing_tls_files_are_usage_errors(tmp_path):
