@@ -31,6 +31,7 @@ from shim.errors import (
     NOT_EXECUTABLE,
     NOT_FOUND,
     OK,
+    OS_ERROR,
     SIGNAL_BASE,
     TIMED_OUT,
     NamespaceError,
@@ -190,10 +191,21 @@ def _signal_procs(procs, *sigs):
 
 # -- the child ---------------------------------------------------------------------------------------------
 def _exec(path, argv, env, err_w):
-    """In a forked process: start clean (default dispositions, empty mask) and exec. Never returns."""
+    """In a forked process: start clean (default dispositions, empty mask) and exec. Never returns.
+
+    Signals that reached this process while it waited for the go-ahead are still pending. The terminal's
+    (SI_KERNEL: a Ctrl-Z, a window resize while we waited) belonged to the wait, in which nothing is forwarded:
+    they are dropped, so the command does not start stopped. Any other (consul-locker forwarding a signal right
+    after the go-ahead) is raised again, so it is delivered as soon as the mask is cleared: never lost."""
     try:
+        keep = []
+        while (info := signal.sigtimedwait(CATCHABLE, 0)) is not None:
+            if info.si_code != SI_KERNEL:
+                keep.append(info.si_signo)
         for s in CATCHABLE:
             signal.signal(s, signal.SIG_DFL)
+        for s in keep:
+            os.kill(os.getpid(), s)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         try:
             os.execve(path, argv, env)
@@ -239,26 +251,27 @@ class ChildProcess:
         self._go_w = self._err_r = None
 
     def fork(self):
-        """Fork the waiting process. Call it from the main thread before any other thread exists."""
-        if self.pid_namespace:
-            try:
-                os.unshare(CLONE_NEWPID)  # our next child is PID 1 of a new namespace
-            except OSError as e:
-                raise NamespaceError(
-                    f"--pid-namespace: cannot create a PID namespace ({e.strerror}); it needs root (CAP_SYS_ADMIN), "
-                    "or run consul-locker under `unshare --user --map-root-user`; in a container the container's "
-                    "own PID namespace already gives this protection"
-                ) from None
+        """Fork the waiting process. Call it from the main thread before any other thread exists (a forked copy
+        of a threaded interpreter is not safe to run Python in). With --pid-namespace, the namespace is made
+        here, so a refusal is known before Consul is contacted."""
         go_r, self._go_w = os.pipe2(os.O_CLOEXEC)
         self._err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # the waiting process: single-threaded, every signal blocked (inherited)
             try:
-                os.close(self._go_w)
-                os.close(self._err_r)
+                for fd in (self._go_w, self._err_r, ready_r):
+                    os.close(fd)
                 _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if consul-locker dies, so do we (and our namespace)
-                if self.process_group and not self.pid_namespace:
+                if self.pid_namespace:
+                    # Not in consul-locker itself: a process whose children go to another PID namespace cannot
+                    # start threads any more, and consul-locker needs them.
+                    if _libc.unshare(CLONE_NEWPID) != 0:
+                        os.write(ready_w, str(ctypes.get_errno()).encode())
+                        os._exit(OS_ERROR)
+                elif self.process_group:
                     os.setpgid(0, 0)
+                os.close(ready_w)
                 message = b""
                 while chunk := os.read(go_r, 65536):  # EOF without a go-ahead: discarded, or our parent died
                     message += chunk
@@ -266,20 +279,30 @@ class ChildProcess:
                     os._exit(0)
                 env = dict(self.env, **json.loads(message))
                 if self.pid_namespace:
-                    os._exit(_namespace_init(self, env, err_w))
+                    os._exit(_relay_to_namespace(self, env, err_w))
                 if self.process_group:
                     _take_terminal()
                 _exec(self.path, self.argv, env, err_w)
             finally:
                 os._exit(NOT_FOUND)
-        os.close(go_r)
-        os.close(err_w)
+        for fd in (go_r, err_w, ready_w):
+            os.close(fd)
+        with os.fdopen(ready_r, "rb") as ready:
+            refused = ready.read()  # EOF once the child is ready (or it died)
+        self.pid = pid
+        if refused:
+            os.waitpid(pid, 0)
+            self.pid, self._done = None, True
+            raise NamespaceError(
+                f"--pid-namespace: cannot create a PID namespace ({os.strerror(int(refused))}); it needs root "
+                "(CAP_SYS_ADMIN), or run consul-locker under `unshare --user --map-root-user`; in a container the "
+                "container's own PID namespace already gives this protection"
+            )
         if self.process_group and not self.pid_namespace:
             try:
                 os.setpgid(pid, pid)  # also here, so the group exists before we ever signal it
             except OSError:
                 pass
-        self.pid = pid
         return self
 
     def go(self, extra_env):
@@ -330,6 +353,30 @@ class ChildProcess:
             return os.getpgid(self.pid)
         except OSError:
             return None
+
+
+def _relay_to_namespace(child, env, err_w):
+    """The waiting process after the go-ahead with --pid-namespace: fork the namespace's init, pass on what
+    consul-locker sends, and leave with the init's exit code. If consul-locker dies, PDEATHSIG kills us, ours
+    kills the init, and the kernel everything in the namespace."""
+    init = os.fork()
+    if init == 0:
+        try:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            os._exit(_namespace_init(child, env, err_w))
+        finally:
+            os._exit(NOT_FOUND)
+    me = os.getpid()
+    while True:
+        info = signal.sigwaitinfo(CATCHABLE)
+        if info.si_signo != signal.SIGCHLD and info.si_pid != me and _forwardable(info, os.getpgrp()):
+            try:
+                os.kill(init, info.si_signo)
+            except ProcessLookupError:
+                pass
+        status = reap_all(init)
+        if status is not None:
+            return exit_code(status) & 0xFF
 
 
 def _namespace_init(child, env, err_w):
@@ -468,7 +515,13 @@ class Supervisor:
                 if code >= SIGNAL_BASE:
                     budget = CLOSE_BUDGET_STOPPING
                 return code
-            return self._verdict(self.run(locker.hold.lost), locker)
+            try:
+                out = self.run(locker.hold.lost)
+            except BaseException:
+                # A bug, or a failure nobody foresaw, must not end with the lock released under a live tree.
+                self._kill_all()
+                raise
+            return self._verdict(out, locker)
         finally:
             self._discard_unstarted()
             warning = locker.close(budget)
@@ -528,6 +581,17 @@ class Supervisor:
             signal.sigtimedwait({signal.SIGCHLD}, TREE_RECHECK)
             if not has_children():
                 break
+
+    def _kill_all(self):
+        """SIGKILL the child and everything below it, until we have no child left."""
+        if self.child.pid is not None and reap_all(self.child.pid) is None:
+            self.child.signal(signal.SIGKILL)
+        pause = TREE_RECHECK
+        while has_children():
+            _signal_procs(_descendants(), signal.SIGKILL)
+            reap_all()
+            signal.sigtimedwait({signal.SIGCHLD}, pause)
+            pause = min(TREE_RECHECK_MAX, pause * 1.5)
 
     def _verdict(self, out, locker):
         """The exit code: ours when we ended the child (lost lock, --max-runtime), else the child's, after the
