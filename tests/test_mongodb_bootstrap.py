@@ -2,7 +2,8 @@
 
 No MongoDB here: the decision is a pure function of `hello`, `replSetGetStatus` and `replSetGetConfig` documents
 (and of the set's record in Consul KV), and the check a pure function of `hello` (and `replSetGetStatus`). Each
-fixture is decoded twice: by a small Extended JSON decoder of our own (Int64 as an int subclass) and, when pymongo is installed, by bson.json_util with the driver's own types.
+fixture is decoded twice: by a small Extended JSON decoder of our own (Int64 as an int subclass) and, when
+pymongo is installed, by bson.json_util with the driver's own types.
 """
 
 import datetime
