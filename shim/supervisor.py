@@ -246,6 +246,8 @@ class ChildProcess:
         self.path = resolve(argv[0], env)  # 126/127 before we touch Consul
         self.pid = None
         self.started = False
+        self.reaped = False  # collected before it was started (it exited after a discard, or was killed)
+        self.discarded = False
         self._decided = threading.Lock()
         self._done = False
         self._go_w = self._err_r = None
@@ -310,13 +312,15 @@ class ChildProcess:
         with self._decided:
             if self._done:
                 return False
-            self._done = True
-            payload = json.dumps(extra_env).encode()
+            # Started before the write: the command may run and exit before this thread runs again, and the
+            # main loop must then know that the status it reaps is the command's.
+            self._done = self.started = True
             try:
-                os.write(self._go_w, payload)  # far below PIPE_BUF: one write, never partial
+                os.write(self._go_w, json.dumps(extra_env).encode())  # far below PIPE_BUF: one write, whole
+            except BrokenPipeError:
+                pass  # it died waiting (killed by someone): the main loop reaps it and reports its status
             finally:
                 os.close(self._go_w)
-            self.started = True
             return True
 
     def discard(self):
@@ -324,7 +328,7 @@ class ChildProcess:
         with self._decided:
             if self._done:
                 return not self.started
-            self._done = True
+            self._done = self.discarded = True  # set before the close: the child exits only after it
             os.close(self._go_w)
             return True
 
@@ -546,7 +550,11 @@ class Supervisor:
             status = reap_all(self.child.pid)  # as PID 1 we may adopt orphans even before the child exists
             if status is not None and self.child.started:
                 self.early_status = status  # started and already gone: run() must not wait for it
-            elif status is not None and self.child.discard():
+            elif status is not None:
+                self.child.reaped = True
+                if self.child.discarded:
+                    continue  # discarded by the lock's thread (--once: already done): its result follows
+                self.child.discard()
                 raise ShimError(
                     f"the process prepared for the command (pid {self.child.pid}) died before the lock was granted "
                     f"(status {exit_code(status)})",
@@ -570,7 +578,7 @@ class Supervisor:
 
     def _discard_unstarted(self):
         """A child that never got the go-ahead exits at EOF of its pipe: reap it, so nothing is left."""
-        if self.child.pid is None or self.child.started:
+        if self.child.pid is None or self.child.started or self.child.reaped:
             return
         self.child.discard()
         give_up_at = time.monotonic() + 1.0
