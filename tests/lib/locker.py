@@ -6,10 +6,11 @@ import sys
 
 from lib.consul_agent import ROOT, wait_until
 
-LOCKER = [sys.executable, "-m", "shim"]
 # Where `python -m shim` finds the package: this checkout, or SHIM_SRC (another checkout, e.g. a known-good
-# commit exported while the working tree is mid-change).
+# commit exported while the working tree is mid-change; -P keeps the current directory, which may be this
+# checkout, off sys.path so that SHIM_SRC really wins).
 SRC = os.environ.get("SHIM_SRC") or ROOT
+LOCKER = [sys.executable, "-P", "-m", "shim"] if os.environ.get("SHIM_SRC") else [sys.executable, "-m", "shim"]
 
 
 def locker_env(agent, **extra):
@@ -20,7 +21,14 @@ def locker_env(agent, **extra):
         "CONSUL_HTTP_TOKEN_FILE",
         "CONSUL_HTTP_SSL",
         "CONSUL_CACERT",
+        "CONSUL_CAPATH",
+        "CONSUL_CLIENT_CERT",
+        "CONSUL_CLIENT_KEY",
+        "CONSUL_TLS_SERVER_NAME",
+        "CONSUL_HTTP_SSL_VERIFY",
         "CONSUL_HTTP_AUTH",
+        "NO_PROXY",
+        "no_proxy",
         "HTTP_PROXY",
         "HTTPS_PROXY",
         "http_proxy",
