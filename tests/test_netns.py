@@ -26,6 +26,7 @@ import collections
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,9 +37,9 @@ import types
 
 import pytest
 from lib import fenced
-from lib.consul_agent import wait_until
+from lib.consul_agent import free_port, wait_until
 from lib.locker import LOCKER, SRC, locker_env
-from lib.netns import Cluster, Net, sweep_stale, unavailable_reason
+from lib.netns import NS_PREFIX, Cluster, Net, sweep_stale, unavailable_reason
 
 TTL = 10.0  # Consul's smallest session TTL
 LOCK_DELAY = 5.0
@@ -50,6 +51,9 @@ PROGRESS_BOUND = 2 * TTL + LOCK_DELAY + 10.0
 MIN_AGE_FOR_STOP = 1.5
 LONG = os.environ.get("CONSUL_LOCKER_NETNS_LONG", "") not in ("", "0")
 LONG_ROUNDS = 5
+# A task no fault outlasts: only consul-locker's fence (or the resource's) can end it in time.
+LONG_TASK = 60.0
+ELECTION = 4.0  # about what a Raft election takes here (raft_multiplier 1), to size tasks that should outlast one
 FAULTS = ["holder-pause", "cut>ttl", "cut<ttl", "leader-cut", "leader-kill", "agent-freeze"]
 FENCED = os.path.abspath(fenced.__file__)
 LOCAL_AGENT = "http://127.0.0.1:8500"  # each client node's own agent, inside its namespace
@@ -73,7 +77,7 @@ class Workload:
 class Loop(threading.Thread):
     """consul-locker, again and again, on one client node, until stopped."""
 
-    def __init__(self, net, agent, wl, resource_ip, log_path, runs):
+    def __init__(self, net, agent, wl, resource_ip, log_path, runs, work_file):
         super().__init__(name=f"loop-{agent.role}-{wl.name}", daemon=True)
         self.net, self.agent, self.wl = net, agent, wl
         self.log_path, self.runs = log_path, runs
@@ -84,7 +88,7 @@ class Loop(threading.Thread):
         limit = ["--limit", str(wl.limit)] if wl.limit > 1 else []
         child = [sys.executable, FENCED, "child", f"{resource_ip}:{wl.port}", agent.role]
         self.argv = LOCKER + ["-v", *TIMING, *limit, wl.name, "--", *child]
-        self.env = locker_env(types.SimpleNamespace(addr=LOCAL_AGENT))
+        self.env = locker_env(types.SimpleNamespace(addr=LOCAL_AGENT), **{fenced.WORK_FILE_ENV: work_file})
 
     def run(self):
         n = 0
@@ -138,18 +142,74 @@ class Loop(threading.Thread):
 
 
 class Nemesis:
-    def __init__(self, net, cluster, workloads, log):
-        self.net, self.cluster, self.workloads, self.log = net, cluster, workloads, log
-        self.lock = workloads[0]
-        self.faults = []  # dicts: kind, target, start, heal, progress (s after heal per workload), notes
+    """Faults, one at a time. Before each, the lock holder gets a long task (lib.fenced's work file), so the fault
+    catches a child inside: a node fault must then end in consul-locker's own fence (cut>ttl, agent-freeze) or
+    leave the child alone (cut<ttl, leader-cut, leader-kill: shorter than the TTL, or transient for Consul)."""
+
+    def __init__(self, net, cluster, workloads, log, rng, work_dir):
+        self.net, self.cluster, self.workloads, self.log, self.rng = net, cluster, workloads, log, rng
+        self.work_dir = work_dir
+        self.lock, self.sem = workloads
+        self.faults = []  # dicts: kind, target, start, heal, progress (s after heal per workload), notes, victims
 
     def say(self, text):
         self.log(f"{time.monotonic():.3f} nemesis: {text}")
 
-    # -- what the resource shows -------------------------------------------------------------------------------
-    def holder(self, wl, timeout=15.0):
-        """A section of wl inside now (the newest), from the resource's history."""
-        return wait_until(lambda: (wl.history.open_sections() or [None])[-1], timeout, 0.05, f"a {wl.name} holder")
+    # -- what the resource shows, and what the next children do ------------------------------------------------
+    def work_file(self, role, wl):
+        return os.path.join(self.work_dir, f"work-{role}-{wl.name}")
+
+    def long_holder(self, wl, length, roles=None, timeout=PROGRESS_BOUND):
+        """Have the next child of wl on one of `roles` (default: any client node) work `length` s; return its
+        section once it is inside, or None after timeout."""
+        roles = roles or [a.role for a in self.cluster.clients]
+        t = time.monotonic()
+        for role in roles:
+            with open(self.work_file(role, wl), "w") as f:
+                f.write(f"{length} {length}")
+
+        def inside():
+            return next(
+                (
+                    s
+                    for s in wl.history.open_sections()
+                    if s.start > t and s.node in roles and s.planned >= length - 0.05
+                ),
+                None,
+            )
+
+        try:
+            return wait_until(inside, timeout, 0.05, f"a {wl.name} holder with a long task")
+        except AssertionError:
+            self.say(f"no {wl.name} holder with a long task on {roles} within {timeout:.0f} s")
+            return None
+        finally:
+            for role in roles:
+                os.unlink(self.work_file(role, wl))
+
+    def victims(self, length, role=None):
+        """Long-working holders for a fault: the lock's (on role, or wherever the next holder runs), and a
+        semaphore holder on the same node if one comes soon."""
+        s = self.long_holder(self.lock, length, [role] if role else None)
+        if s is None:
+            raise AssertionError(f"no {self.lock.name} holder took a long task within {PROGRESS_BOUND:.0f} s")
+        t = self.long_holder(self.sem, length, [s.node], timeout=10)
+        return [(wl, x) for wl, x in ((self.lock, s), (self.sem, t)) if x is not None]
+
+    def outcome(self, f, victims):
+        """What became of each long-working holder: it finished its task (undisturbed), consul-locker ended it
+        (killed), or the fence refused it."""
+        for wl, s in victims:
+            now = wl.history.sections().get(s.conn)
+            if now.finished:
+                what = "finished its task"
+            elif now.refused:
+                what = f"refused by the fence {now.refused[0].t - f['start']:.1f} s after the fault began"
+            elif now.phys_end is not None:
+                what = f"killed {now.phys_end - f['start']:.1f} s after the fault began"
+            else:
+                what = "still inside"
+            f["victims"].append((wl.name, s.id, what))
 
     def wait_progress(self, fault):
         """Record, per workload, how long after the heal the first section was accepted (None: not in bound)."""
@@ -174,36 +234,59 @@ class Nemesis:
         except AssertionError:
             self.say("servers did not agree on a leader in time")
 
-    def fault(self, kind, target):
-        f = {"kind": kind, "target": target, "start": time.monotonic(), "heal": None, "progress": {}, "notes": []}
+    def fault(self, kind, target, victims=()):
+        f = {
+            "kind": kind,
+            "target": target,
+            "start": time.monotonic(),
+            "heal": None,
+            "progress": {},
+            "notes": [],
+            "victims": [],
+        }
         self.faults.append(f)
-        self.say(f"{kind} on {target}")
+        inside = ", ".join(f"{wl.name} {s.id} token {s.token}" for wl, s in victims)
+        self.say(f"{kind} on {target}; inside: {inside or 'nobody'}")
         return f
+
+    def duration(self, lo, hi):
+        """A fault's length: the middle of its range in the CI size, random within it in the long one."""
+        return self.rng.uniform(lo, hi) if LONG else (lo + hi) / 2
 
     # -- faults ------------------------------------------------------------------------------------------------
     def cut(self, longer):
-        role = self.holder(self.lock).node
-        f = self.fault("cut>ttl" if longer else "cut<ttl", role)
+        length = self.duration(TTL + 1, TTL + 5) if longer else self.duration(1, TTL - 2)
+        # Longer than the TTL, only consul-locker's fence can end the task in time; shorter, it should outlast
+        # the cut and finish.
+        victims = self.victims(LONG_TASK if longer else length + 4)
+        role = victims[0][1].node
+        f = self.fault("cut>ttl" if longer else "cut<ttl", role, victims)
+        f["notes"].append(f"{length:.1f} s")
         self.net.cut(role)
-        time.sleep(TTL + 3 if longer else TTL / 2 - 1)  # the fault's length, not a synchronisation
+        time.sleep(length)  # the fault's length, not a synchronisation
         self.net.heal(role)
         f["heal"] = time.monotonic()
         self.wait_progress(f)
+        self.outcome(f, victims)
 
     def leader_cut(self):
+        length = self.duration(1, TTL)
+        victims = self.victims(ELECTION + length + 4)
         leader = wait_until(self.cluster.agreed_leader, 30, 0.2, "an agreed leader")
-        f = self.fault("leader-cut", leader.role)
+        f = self.fault("leader-cut", leader.role, victims)
         self.net.cut(leader.role)
         new = wait_until(lambda: self.cluster.agreed_leader(exclude=(leader,)), 30, 0.2, "a new leader")
         f["notes"].append(f"{new.role} elected after {time.monotonic() - f['start']:.1f} s")
-        time.sleep(TTL / 2)  # the isolation lasts a while after the election, not a synchronisation
+        time.sleep(length)  # the isolation lasts a while after the election
         self.net.heal(leader.role)
         f["heal"] = time.monotonic()
         self.wait_progress(f)
+        self.outcome(f, victims)
 
     def leader_kill(self):
+        victims = self.victims(2 * ELECTION + 4)
         leader = wait_until(self.cluster.agreed_leader, 30, 0.2, "an agreed leader")
-        f = self.fault("leader-kill", leader.role)
+        f = self.fault("leader-kill", leader.role, victims)
         leader.kill()
         new = wait_until(lambda: self.cluster.agreed_leader(exclude=(leader,)), 30, 0.2, "a new leader")
         f["notes"].append(f"{new.role} elected after {time.monotonic() - f['start']:.1f} s")
@@ -212,18 +295,23 @@ class Nemesis:
         f["heal"] = time.monotonic()
         f["notes"].append(f"{leader.role} back after {f['heal'] - f['start']:.1f} s")
         self.wait_progress(f)
+        self.outcome(f, victims)
 
     def agent_freeze(self):
-        role = self.holder(self.lock).node
+        length = self.duration(TTL + 1, TTL + 5)
+        victims = self.victims(LONG_TASK)
+        role = victims[0][1].node
         agent = self.cluster.agent(role)
-        f = self.fault("agent-freeze", role)
+        f = self.fault("agent-freeze", role, victims)
+        f["notes"].append(f"{length:.1f} s")
         agent.pause()
         try:
-            time.sleep(TTL + 3)  # the fault's length
+            time.sleep(length)  # the fault's length
         finally:
             agent.resume()
         f["heal"] = time.monotonic()
         self.wait_progress(f)
+        self.outcome(f, victims)
 
     def holder_pause(self):
         """Freeze a holding consul-locker with its child, in every workload at once, until the resource has let a
@@ -234,7 +322,7 @@ class Nemesis:
             s = self._freeze_inside(wl)
             if s is not None:
                 frozen.append((wl, s))
-        f = self.fault("holder-pause", ", ".join(f"{wl.name}:{s.id} token {s.token}" for wl, s in frozen))
+        f = self.fault("holder-pause", ", ".join(s.node for _, s in frozen), frozen)
         bound = 2 * TTL + LOCK_DELAY + 15.0
         for wl, s in frozen:
 
@@ -264,25 +352,29 @@ class Nemesis:
                 f["notes"].append(f"{wl.name}: the resumed child sent nothing")
             _signal(shim, signal.SIGCONT)
         f["heal"] = time.monotonic()
-        for wl, s in frozen:
-            seen = [e for e in wl.history.refresh() if e.conn == s.conn and e.t > f["start"]]
-            f["notes"].append(f"{wl.name}: after resuming " + ", ".join(f"{e.kind} {e.verdict}" for e in seen[:3]))
         self.wait_progress(f)
+        self.outcome(f, frozen)
 
-    def _freeze_inside(self, wl, tries=30):
+    def _freeze_inside(self, wl, tries=3):
         for _ in range(tries):
-            s = self.holder(wl)
+            s = self.long_holder(wl, LONG_TASK)
+            if s is None:
+                continue
             shim, child = s.pids
             if not (_signal(shim, signal.SIGSTOP) and _signal(child, signal.SIGSTOP)):
                 _signal(shim, signal.SIGCONT)
                 continue
-            # An EXIT the child sent just before the stop is still on its way for a moment.
-            time.sleep(0.2)
+            try:
+                # A stop signal takes effect when the kernel next schedules the process, not when kill() returns.
+                wait_until(lambda c=child, p=shim: _stopped(c) and _stopped(p), 5, 0.01, "the holder to stop")
+            except AssertionError:
+                pass
             now = wl.history.sections().get(s.conn)
             if now is not None and now.phys_end is None and not now.refused and _stopped(child) and _stopped(shim):
                 wl.paused.add(s.id)
                 self.say(f"froze {wl.name} holder {s.id} token {s.token}")
                 return now
+            self.say(f"{wl.name} holder {s.id} left before it could be frozen")
             _signal(child, signal.SIGCONT)
             _signal(shim, signal.SIGCONT)
         self.say(f"could not catch a {wl.name} holder inside")
@@ -383,7 +475,7 @@ def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
     runs = []
     procs = []
     problems = []
-    nemesis = Nemesis(net, cluster, workloads, log)
+    nemesis = Nemesis(net, cluster, workloads, log, rng, str(tmp_path))
     try:
         for wl in workloads:
             hist = str(tmp_path / f"history-{wl.name}.txt")
@@ -394,7 +486,8 @@ def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
             wait_until(wl.history.listening, 10, 0.05, f"the {wl.name} resource to listen")
         for wl in workloads:
             for agent in cluster.clients:
-                loop = Loop(net, agent, wl, cluster.resource_ip, str(tmp_path / f"{agent.role}-{wl.name}.log"), runs)
+                loop_log = str(tmp_path / f"{agent.role}-{wl.name}.log")
+                loop = Loop(net, agent, wl, cluster.resource_ip, loop_log, runs, nemesis.work_file(agent.role, wl))
                 wl.loops.append(loop)
                 loop.start()
         # Warm-up: every workload hands its lock over a few times before the first fault.
@@ -449,6 +542,12 @@ def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
         for name, after in f["progress"].items():
             if after is None:
                 problems.append(f"no {name} section accepted within {PROGRESS_BOUND:.0f} s after {f['kind']} healed")
+    for f in nemesis.faults:
+        for name, ident, what in f["victims"]:
+            # Cut off or frozen for longer than the TTL, a holder that still finished its long task was never fenced
+            # by consul-locker (whether or not someone else got in meanwhile).
+            if f["kind"] in ("cut>ttl", "agent-freeze") and what == "finished its task":
+                problems.append(f"{name} holder {ident} was not stopped during {f['kind']}: it {what}")
     lock = workloads[0]
     if "holder-pause" in schedule and not fenced.check(lock.history.events, 1, lock.paused).refused_paused:
         problems.append("the paused lock holder's child wrote nothing that the resource refused")
@@ -471,17 +570,150 @@ def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
         f"violations {len(problems)}; faults took {t_faults_end - t_begin:.0f} s, "
         f"whole run {time.monotonic() - t_begin:.0f} s"
     )
+    lines = []
     for f in nemesis.faults:
-        log(
-            f"fault {f['kind']} on {f['target']} at +{f['start'] - t_begin:.1f} s; "
-            f"healed +{(f['heal'] or f['start']) - f['start']:.1f} s later; progress {f['progress']}; "
-            + "; ".join(f["notes"])
+        progress = ", ".join(f"{k} {'never' if v is None else f'{v:.1f} s'}" for k, v in f["progress"].items())
+        victims = "; ".join(f"{name} holder {what}" for name, _, what in f["victims"])
+        lines.append(
+            f"  {f['kind']} on {f['target']} at +{f['start'] - t_begin:.0f} s ({'; '.join(f['notes'])}): "
+            f"{victims or 'nobody inside'}; first section after the heal: {progress}"
         )
+    for line in lines:
+        log(line)
     log(summary)
     for p in problems:
         log("PROBLEM: " + p)
     log_file.close()
     print("\n" + summary)
-    for f in nemesis.faults:
-        print(f"  {f['kind']} on {f['target']}: progress {f['progress']}; {'; '.join(f['notes'])}")
+    print("\n".join(lines))
     assert not problems, f"{len(problems)} problems (log: {log_path}):\n" + "\n\n".join(problems[:10])
+
+
+# -- the judge and the plumbing, on their own (fast) -------------------------------------------------------------
+
+
+def _events(*lines):
+    return [fenced.Event(line) for line in lines]
+
+
+def test_checker_sees_two_holders_inside_and_a_stale_token_accepted():
+    events = _events(
+        "1.0 1 ENTER 10 c1/1/2 OK 1",
+        "1.5 2 ENTER 12 c2/3/4 OK 2",
+        "2.0 1 WRITE 10 c1/1/2 OK 2",
+        "2.1 1 EXIT 10 c1/1/2 OK 1",
+        "2.2 1 CLOSE 10 c1/1/2 - 1",
+        "3.0 2 EXIT 12 c2/3/4 OK 0",
+        "3.1 2 CLOSE 12 c2/3/4 - 0",
+    )
+    v = fenced.check(events, 1)
+    found = " | ".join(what for what, _ in v.violations)
+    assert "2 sections inside at 1.500 (limit 1)" in found
+    assert "stale token 10 accepted after 12" in found
+    assert v.max_concurrent == 2
+    assert "1.5 2 ENTER 12" in v.excerpt(events, v.violations[0][1])
+    # Two inside is what a semaphore of 2 allows, and one newer holder beside a write is not yet a stale one.
+    assert fenced.check(events, 2).violations == []
+
+
+def test_checker_judges_a_paused_holder_by_what_the_fence_let_through():
+    events = _events(
+        "1.0 1 ENTER 10 c1/1/2 OK 1",
+        "1.1 1 WRITE 10 c1/1/2 OK 1",
+        "30.0 2 ENTER 20 c2/3/4 OK 2",
+        "30.5 1 WRITE 10 c1/1/2 REFUSED 1",
+        "30.5 1 CLOSE 10 c1/1/2 - 1",
+        "31.0 2 EXIT 20 c2/3/4 OK 0",
+        "31.0 2 CLOSE 20 c2/3/4 - 0",
+    )
+    v = fenced.check(events, 1, paused={"c1/1/2"})
+    assert v.violations == []
+    assert (v.refused, v.refused_paused, v.sections) == (1, 1, 2)
+    assert v.longest_gap == pytest.approx(28.9)
+    # The same history without a pause is a consul-locker that let its child live on beside the next holder.
+    assert fenced.check(events, 1).violations
+    # Frozen right after its ENTER: the section ends where it began, and still counts as no overlap.
+    frozen_at_once = [e for e in events if e.line.split()[2] != "WRITE" or e.conn != 1 or e.verdict != "OK"]
+    assert fenced.check(frozen_at_once, 1, paused={"c1/1/2"}).violations == []
+
+
+def _client(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    reader = sock.makefile("rb")
+
+    def ask(line):
+        sock.sendall(line.encode() + b"\n")
+        return reader.readline().decode().strip()
+
+    def close():
+        reader.close()  # the socket's descriptor stays open while its file object does
+        sock.close()
+
+    ask.close = close
+    return ask
+
+
+@pytest.fixture
+def resource(tmp_path):
+    """A fenced resource on loopback: start(limit) -> (port, History)."""
+    procs = []
+
+    def start(limit):
+        port = free_port()
+        hist = fenced.History(str(tmp_path / f"history-{limit}.txt"))
+        procs.append(subprocess.Popen([sys.executable, FENCED, "serve", "127.0.0.1", str(port), str(limit), hist.path]))
+        wait_until(hist.listening, 10, 0.02, "the resource to listen")
+        return port, hist
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_resource_refuses_a_token_older_than_the_newest_and_keeps_that_section_fenced(resource):
+    port, hist = resource(1)
+    a, b, c = _client(port), _client(port), _client(port)
+    assert a("ENTER 10 c1/1/2") == "OK"
+    assert b("ENTER 12 c2/3/4") == "OK"
+    assert a("WRITE 10 c1/1/2").startswith("REFUSED")
+    assert a("EXIT 10 c1/1/2").startswith("REFUSED")  # once fenced, always fenced
+    assert c("ENTER 11 c3/5/6").startswith("REFUSED")  # a grant older than one already seen
+    assert b("WRITE 13 c2/3/4") == "ERR"  # not the token the section entered with
+    assert b("WRITE 12 c2/3/4") == "OK"
+    assert b("EXIT 12 c2/3/4") == "OK"
+    a.close()
+    wait_until(lambda: any(e.kind == "CLOSE" for e in hist.refresh()), 5, 0.02, "the CLOSE")
+    kinds = [(e.kind, e.token, e.verdict) for e in hist.refresh()]
+    assert kinds[:4] == [("ENTER", 10, "OK"), ("ENTER", 12, "OK"), ("WRITE", 10, "REFUSED"), ("EXIT", 10, "REFUSED")]
+    assert ("CLOSE", 10, "-") in kinds
+
+
+def test_semaphore_resource_refuses_a_holder_with_limit_newer_holders_beside_it(resource):
+    port, _ = resource(2)
+    a, b, c = _client(port), _client(port), _client(port)
+    assert a("ENTER 5 c1/1/2") == "OK"
+    assert b("ENTER 7 c2/3/4") == "OK"
+    assert a("WRITE 5 c1/1/2") == "OK"  # one newer holder: both may hold a slot
+    assert c("ENTER 9 c3/5/6") == "OK"  # not refused: three inside is for the checker to judge
+    assert a("WRITE 5 c1/1/2").startswith("REFUSED")  # two newer holders: this one cannot hold a slot any more
+    assert b("WRITE 7 c2/3/4") == "OK"
+
+
+def test_sweep_removes_the_namespaces_of_dead_runs_only():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, alive = f"{NS_PREFIX}-{dead.pid}-abcdef-c1", f"{NS_PREFIX}-{os.getpid()}-abcdef-c1"
+    for name in (stale, alive):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        removed = sweep_stale()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert stale in removed and stale not in listed
+        assert alive not in removed and alive in listed
+    finally:
+        for name in (stale, alive):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -25,9 +25,10 @@ usage:
     fenced.py serve HOST PORT LIMIT HISTORY
     fenced.py child HOST:PORT NODE [MIN_WORK MAX_WORK]
 
-The child enters with CONSUL_LOCK_INDEX, works MIN..MAX seconds (random) writing every WRITE_EVERY seconds, exits.
-Its id is NODE/<consul-locker's pid>/<own pid>, so the test can find (and freeze) a holder from the history. Exit
-codes: 0 done, 3 refused (fenced), 4 the resource could not be reached.
+The child enters with CONSUL_LOCK_INDEX, works MIN..MAX seconds (random; or the range in the file named by
+$FENCED_WORK_FILE, when it exists) writing every WRITE_EVERY seconds, exits. Its id is
+NODE/<consul-locker's pid>/<own pid>/<planned work>, so the test can find (and freeze) a holder from the history.
+Exit codes: 0 done, 3 refused (fenced), 4 the resource could not be reached.
 """
 
 import os
@@ -38,6 +39,7 @@ import sys
 import time
 
 WRITE_EVERY = 0.1
+WORK_FILE_ENV = "FENCED_WORK_FILE"  # a file holding "MIN MAX": overrides the child's work range while it exists
 REFUSED_EXIT = 3
 UNREACHABLE_EXIT = 4
 
@@ -159,7 +161,14 @@ def serve(host, port, limit, history_path):
 def child(addr, node, lo=0.1, hi=1.0):
     host, port = addr.rsplit(":", 1)
     token = int(os.environ["CONSUL_LOCK_INDEX"])
-    ident = f"{node}/{os.getppid()}/{os.getpid()}"
+    # The test can ask the next children of a node for a long task (a holder that a fault must catch inside).
+    try:
+        with open(os.environ[WORK_FILE_ENV]) as f:
+            lo, hi = (float(x) for x in f.read().split())
+    except (KeyError, OSError, ValueError):
+        pass
+    work = random.uniform(lo, hi)
+    ident = f"{node}/{os.getppid()}/{os.getpid()}/{work:.1f}"
     try:
         sock = socket.create_connection((host, int(port)), timeout=10)
     except OSError as e:
@@ -180,7 +189,7 @@ def child(addr, node, lo=0.1, hi=1.0):
     try:
         if ask(f"ENTER {token} {ident}") != "OK":
             return REFUSED_EXIT
-        end = time.monotonic() + random.uniform(lo, hi)
+        end = time.monotonic() + work
         while True:
             left = end - time.monotonic()
             if left <= 0:
@@ -268,6 +277,17 @@ class Section:
         """(consul-locker's pid, the child's pid), from the id the child sent."""
         parts = self.id.split("/")
         return int(parts[1]), int(parts[2])
+
+    @property
+    def planned(self):
+        """How long the child meant to work, from its id (0 if it did not say)."""
+        parts = self.id.split("/")
+        return float(parts[3]) if len(parts) > 3 else 0.0
+
+    @property
+    def finished(self):
+        """The child ended its section itself, with an accepted EXIT (not killed, not fenced)."""
+        return any(e.kind == "EXIT" and e.verdict == "OK" for e in self.events)
 
     def interval(self, paused, horizon):
         """When this section counted as inside. A section the nemesis froze together with its consul-locker (a
