@@ -294,7 +294,6 @@ def test_max_runtime_stops_a_command_that_honours_sigterm_and_exits_124(locker, 
     assert_no_session(consul, name)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_max_runtime_kills_a_tree_ignoring_sigterm_and_the_next_waiter_proceeds(locker, consul, name, tmp_path):
     gpid = tmp_path / "gpid"

@@ -156,7 +156,6 @@ def test_status_usage_errors_exit_2(locker, consul, name, args):
     assert not sessions_named(consul, name)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_status_with_consul_unreachable_exits_69(locker, consul, name):
     env = locker_env(consul, CONSUL_HTTP_ADDR=f"http://127.0.0.1:{free_port()}")
