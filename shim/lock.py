@@ -241,8 +241,11 @@ def decode_semaphore(entry, key, limit):
     return {h: True for h, v in holders.items() if v}
 
 
-def encode_semaphore(limit, holders):
-    return json.dumps({"Limit": limit, "Holders": {h: True for h in sorted(holders)}}).encode()
+def encode_semaphore(limit, holders, writer):
+    """The .lock value. `Writer` (ignored by `consul lock -n`) names the session that wrote it: Consul keeps the
+    ModifyIndex of a write that changes nothing, so without it a holder that rewrites its own recovered grant
+    after another holder's write would get that holder's fencing index."""
+    return json.dumps({"Limit": limit, "Holders": {h: True for h in sorted(holders)}, "Writer": writer}).encode()
 
 
 class SemaphoreProtocol:
@@ -286,14 +289,15 @@ class SemaphoreProtocol:
         live = [h for h in recorded if h in alive]
         cas = int(entry["ModifyIndex"]) if entry is not None else 0
         if session in recorded:  # a CAS whose answer we never saw did succeed: rewrite it for a fresh index
-            return Decision(grant=self._cas(live + reserved, cas), holders=tuple(live))
+            return Decision(grant=self._cas(live + reserved, cas, session), holders=tuple(live))
         if len(live) + len(reserved) < self.opts.limit:
-            return Decision(grant=self._cas(live + reserved + [session], cas), holders=tuple(live))
+            return Decision(grant=self._cas(live + reserved + [session], cas, session), holders=tuple(live))
         retry_at = min((self._dead_since[h] + self.opts.lock_delay for h in reserved), default=None)
         return Decision(holders=tuple(live + reserved), retry_at=retry_at)
 
-    def _cas(self, holders, index):
-        return _kv("cas", self.opts.key, encode_semaphore(self.opts.limit, holders), SEMAPHORE_FLAG, index=index)
+    def _cas(self, holders, index, writer):
+        value = encode_semaphore(self.opts.limit, holders, writer)
+        return _kv("cas", self.opts.key, value, SEMAPHORE_FLAG, index=index)
 
     def still_ours(self, entries, session):
         try:
@@ -315,7 +319,7 @@ class SemaphoreProtocol:
         if session not in recorded:
             return None
         del recorded[session]
-        return self._cas(list(recorded), int(entry["ModifyIndex"]))
+        return self._cas(list(recorded), int(entry["ModifyIndex"]), session)
 
     def holders(self, entries):
         return tuple(decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit))

@@ -30,13 +30,15 @@ def lock_entry(session=None, index=7, flags=LOCK_FLAG):
 def sem_entries(holders, alive, limit=2, index=9):
     entries = [{"Key": f"{PREFIX}/{s}", "Flags": SEMAPHORE_FLAG, "Session": s, "ModifyIndex": 1} for s in alive]
     if holders is not None:
-        value = encode_semaphore(limit, holders)
+        value = encode_semaphore(limit, holders, "someone")
         entries.append({"Key": KEY, "Flags": SEMAPHORE_FLAG, "ModifyIndex": index, "Value": value})
     return entries
 
 
 def sem_value(op):
-    return json.loads(base64.b64decode(op["Value"]))
+    value = json.loads(base64.b64decode(op["Value"]))
+    assert value.pop("Writer") == "me"
+    return value
 
 
 # -- lock ---------------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def test_release_removes_only_our_session():
     [
         ({"Key": KEY, "Flags": LOCK_FLAG, "Value": b"", "ModifyIndex": 1}, "flags"),
         ({"Key": KEY, "Flags": SEMAPHORE_FLAG, "Value": b"not json", "ModifyIndex": 1}, "JSON"),
-        ({"Key": KEY, "Flags": SEMAPHORE_FLAG, "Value": encode_semaphore(3, []), "ModifyIndex": 1}, "limit 3"),
+        ({"Key": KEY, "Flags": SEMAPHORE_FLAG, "Value": encode_semaphore(3, [], "x"), "ModifyIndex": 1}, "limit 3"),
     ],
 )
 def test_a_key_of_another_layout_is_a_conflict(entry, why):
