@@ -25,6 +25,7 @@ shuffled order (seed printed; CONSUL_LOCKER_NETNS_SEED replays one); docs/netns-
 import collections
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,15 +104,20 @@ class Loop(threading.Thread):
                         break
                     # cwd: `python -m` puts the current directory first on sys.path, before PYTHONPATH; run from
                     # the checkout it would import the checkout's shim even when SHIM_SRC names another.
-                    proc = self.net.popen(
-                        self.agent.ns,
-                        self.argv,
-                        env=self.env,
-                        cwd=self.cwd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                    )
+                    try:
+                        proc = self.net.popen(
+                            self.agent.ns,
+                            self.argv,
+                            env=self.env,
+                            cwd=self.cwd,
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                        )
+                    except OSError as e:  # out of PIDs for a moment (fork EAGAIN): not consul-locker's doing
+                        log.write(f"=== run {n} not started: {e}\n")
+                        self.stopping.wait(0.5)
+                        continue
                     self.current, self.started = proc, time.monotonic()
                 # Every line with the time it was read (the clock of the resource's history): -v shows each
                 # request, so a run's log says what consul-locker was doing at any moment of the history.
@@ -418,8 +424,8 @@ def cluster(tmp_path):
     if reason:
         pytest.skip(reason)
     removed = sweep_stale()
-    data_root = tempfile.mkdtemp(prefix="consul-locker-netns-")
     net = Net()
+    data_root = tempfile.mkdtemp(prefix=f"{net.tag}-data-")  # named like the namespaces: swept the same way
     c = None
     try:
         c = Cluster(net, data_root, str(tmp_path))
@@ -429,7 +435,7 @@ def cluster(tmp_path):
         if c is not None:
             c.close()
         net.close()
-        subprocess.run(["rm", "-rf", data_root], check=False)
+        shutil.rmtree(data_root, ignore_errors=True)
 
 
 def _leftovers(cluster, workloads):
@@ -700,20 +706,38 @@ def test_semaphore_resource_refuses_a_holder_with_limit_newer_holders_beside_it(
     assert b("WRITE 7 c2/3/4") == "OK"
 
 
-def test_sweep_removes_the_namespaces_of_dead_runs_only():
+def test_sweep_removes_what_dead_runs_left_and_nothing_of_live_ones():
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale, alive = f"{NS_PREFIX}-{dead.pid}-abcdef-c1", f"{NS_PREFIX}-{os.getpid()}-abcdef-c1"
+    dirs = [tempfile.mkdtemp(prefix=f"{name}-data-") for name in (stale, alive)]
     for name in (stale, alive):
         subprocess.run(["ip", "netns", "add", name], check=True)
+    # What a crashed run leaves running: an agent in its namespace.
+    leftover = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "300"])
     try:
+        wait_until(
+            lambda: (
+                str(leftover.pid)
+                in subprocess.run(["ip", "netns", "pids", stale], capture_output=True, text=True).stdout
+            ),
+            5,
+            0.02,
+            "the leftover inside",
+        )
         removed = sweep_stale()
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert stale in removed and stale not in listed
-        assert alive not in removed and alive in listed
+        assert leftover.wait(5) == -signal.SIGKILL
+        assert not os.path.exists(dirs[0])
+        assert alive not in removed and alive in listed and os.path.isdir(dirs[1])
     finally:
+        leftover.kill()
+        leftover.wait()
         for name in (stale, alive):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -98,18 +99,27 @@ def _kill_ns_processes(ns):
         time.sleep(0.05)
 
 
+def _stale(name):
+    m = _STALE.match(name)
+    return bool(m) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))
+
+
 def sweep_stale():
-    """Delete namespaces of this test whose creating process is gone (a run that crashed or was SIGKILLed).
-    Namespaces of a run still alive (another pytest on this machine) are left alone. Returns the names removed."""
+    """Delete what runs of this test left behind when their process died (crashed, SIGKILLed, timed out hard):
+    namespaces with every process in them, and data directories. Those of a run still alive (another pytest on
+    this machine) are left alone. Returns the names removed."""
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = _STALE.match(name)
-        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
-            continue
-        _kill_ns_processes(name)
-        _ip("netns", "del", name, check=False)
-        removed.append(name)
+        if _stale(name):
+            _kill_ns_processes(name)
+            _ip("netns", "del", name, check=False)
+            removed.append(name)
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if _stale(name):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+            removed.append(os.path.join(tmp, name))
     return removed
 
 
@@ -138,7 +148,17 @@ def in_netns(ns, fn, *args, timeout=30.0):
             box["error"] = e
 
     t = threading.Thread(target=run, name=f"in-netns-{ns}", daemon=True)
-    t.start()
+    deadline = time.monotonic() + min(timeout, 10.0)
+    while True:
+        try:
+            t.start()
+            break
+        except RuntimeError:
+            # "can't start new thread": the machine ran out of PIDs for a moment (other tests fork hard); the
+            # call is worth a few tries, the run is not worth failing for it.
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
     t.join(timeout)
     if t.is_alive():
         raise TimeoutError(f"call in namespace {ns} did not return within {timeout}s")
