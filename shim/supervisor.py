@@ -592,14 +592,8 @@ class Supervisor:
 
     def _kill_all(self):
         """SIGKILL the child and everything below it, until we have no child left."""
-        if self.child.pid is not None and reap_all(self.child.pid) is None:
-            self.child.signal(signal.SIGKILL)
-        pause = TREE_RECHECK
-        while has_children():
-            _signal_procs(_descendants(), signal.SIGKILL)
-            reap_all()
-            signal.sigtimedwait({signal.SIGCHLD}, pause)
-            pause = min(TREE_RECHECK_MAX, pause * 1.5)
+        alive = self.child.pid is not None and not self.child.reaped and reap_all(self.child.pid) is None
+        self.end_tree(time.monotonic(), self.child if alive else None)
 
     def _verdict(self, out, locker):
         """The exit code: ours when we ended the child (lost lock, --max-runtime), else the child's, after the
@@ -633,7 +627,7 @@ class Supervisor:
         out = Outcome()
         child = self.child
         log.debug(f"child pid {child.pid} started: {child.argv!r}")
-        if not proc_is_ours():
+        if not proc_is_ours() and os.getpid() != 1:
             log.say(
                 "warning: /proc belongs to another PID namespace (mount a fresh one, e.g. unshare "
                 "--mount-proc): descendants left by the child cannot be found, only reaped"
@@ -641,14 +635,13 @@ class Supervisor:
         child_pgid = child.pgid()
         started = time.monotonic()
         end_at = None if self.max_runtime is None else started + self.max_runtime
-        kill_at, killed, terminating = None, False, False
-        if self.pending_term:  # a SIGTERM forwarded while the child was being started
-            kill_at = started + self.kill_timeout
+        # A forwarded SIGTERM is a request to stop: SIGKILL follows at kill_at if the child is still there.
+        kill_at = started + self.kill_timeout if self.pending_term else None
         out.status = self.early_status
         while out.status is None:
-            due = [t for t in (None if killed else kill_at, None if terminating else end_at) if t is not None]
+            due = [t for t in (kill_at, end_at) if t is not None]
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
-            if lost is not None and lost.is_set() and not terminating:
+            if lost is not None and lost.is_set():
                 timeout = 0  # lost before we looked (its wake-up may have been taken already): act now
             info = self.signals.wait(timeout)
             # Forward before reaping: until reap_all() has collected it, the child's PID is still ours (at worst
@@ -662,50 +655,65 @@ class Supervisor:
             if out.status is not None:
                 break
             now = time.monotonic()
-            reason = None
-            if lost is not None and lost.is_set() and not terminating:
-                out.lost, reason = True, "lock lost"
-            elif end_at is not None and now >= end_at and not terminating:
-                out.timed_out, reason = True, f"--max-runtime reached after {now - started:.1f}s"
-            if reason:
-                # The whole tree at once, so all of it is gone within kill-timeout.
-                log.debug(f"{reason}: terminating the child and its descendants")
-                terminating = True
-                child.signal(signal.SIGTERM)
-                child.signal(signal.SIGCONT)
-                _signal_procs([p for p in _descendants() if p.pid != child.pid], signal.SIGTERM, signal.SIGCONT)
-                kill_at = min(kill_at or now + self.kill_timeout, now + self.kill_timeout)
-            if kill_at is not None and not killed and now >= kill_at:
-                log.debug(f"child {child.pid} still running {self.kill_timeout}s after SIGTERM: SIGKILL")
-                child.signal(signal.SIGKILL)
-                _signal_procs(_descendants(), signal.SIGKILL)
-                killed = True
+            if lost is not None and lost.is_set():
+                out.lost = True
+                log.debug("lock lost: terminating the child and its descendants")
+            elif end_at is not None and now >= end_at:
+                out.timed_out = True
+                log.debug(f"--max-runtime reached after {now - started:.1f}s: terminating the child's tree")
+            elif kill_at is None or now < kill_at:
+                continue
+            # The lock is lost, the time is up, or the grace after a forwarded SIGTERM has passed: the whole
+            # tree at once, so that all of it is gone within kill-timeout.
+            grace_end = now + self.kill_timeout if out.lost or out.timed_out else now
+            out.status = self.end_tree(grace_end if kill_at is None else min(kill_at, grace_end), child)
         out.spawn_error = child.spawn_error()
         # The main child is reaped: its PID may be recycled from here on, so we never signal it again.
-        self.clean_tree(kill_at)
+        self.end_tree(kill_at or time.monotonic() + self.kill_timeout)
         if lost is not None and lost.is_set():
             out.lost = True  # leftovers ran without the lock
         return out
 
-    def clean_tree(self, kill_at=None):
-        """TERM every remaining descendant (new ones too: a process may keep forking), KILL whatever is left at
-        kill_at (default now + kill-timeout), and return only when we have no child at all (ECHILD): then no
-        process of the tree can be left. Signals that arrive meanwhile are dropped: their target has exited."""
-        procs = _descendants()
-        if procs:
-            log.debug(f"{len(procs)} descendant(s) left after the child exited: SIGTERM")
-        if kill_at is None:
-            kill_at = time.monotonic() + self.kill_timeout
-        termed, pause = set(), TREE_RECHECK
+    def end_tree(self, kill_at, child=None):
+        """The one terminate -> wait -> kill routine: SIGTERM (and SIGCONT, so a stopped process can act on it)
+        to the child, if given and not yet reaped, and to every descendant, new ones too (a process may keep
+        forking); SIGKILL to whatever is left from kill_at on; return only when we have no child at all
+        (ECHILD): then no process of the tree can be left. Returns the child's wait status if it was reaped
+        here. Signals that arrive meanwhile are dropped: the processes they were meant for are being ended."""
+        status, termed, pause = None, set(), TREE_RECHECK
+        blind = not proc_is_ours()  # no way to list descendants (a foreign /proc)
         while True:
-            reap_all()
-            if not has_children():
-                return
-            procs = _descendants()
-            if time.monotonic() >= kill_at:
-                _signal_procs(procs, signal.SIGKILL)
+            if child is not None:
+                status = reap_all(child.pid)
+                if status is not None:
+                    child = None
             else:
-                _signal_procs([p for p in procs if p not in termed], signal.SIGTERM, signal.SIGCONT)
-                termed.update(procs)  # psutil.Process compares by pid and create time
+                reap_all()
+            if not has_children():
+                return status
+            killing = time.monotonic() >= kill_at
+            if blind and os.getpid() == 1:
+                # As PID 1, kill(-1) reaches every other process of our namespace: exactly the tree.
+                for sig in (signal.SIGKILL,) if killing else (signal.SIGTERM, signal.SIGCONT):
+                    try:
+                        os.kill(-1, sig)
+                    except ProcessLookupError:
+                        pass
+            elif blind and killing:
+                if child is not None:
+                    child.signal(signal.SIGKILL)
+                log.say("warning: descendants may be left running: they cannot be found without our own /proc")
+                return status
+            else:
+                if child is not None and ("child" not in termed or killing):
+                    for sig in (signal.SIGKILL,) if killing else (signal.SIGTERM, signal.SIGCONT):
+                        child.signal(sig)
+                    termed.add("child")
+                procs = _descendants()
+                if killing:
+                    _signal_procs(procs, signal.SIGKILL)
+                else:
+                    _signal_procs([p for p in procs if p not in termed], signal.SIGTERM, signal.SIGCONT)
+                    termed.update(procs)  # psutil.Process compares by pid and create time
             self.signals.wait(min(pause, max(0.0, kill_at - time.monotonic())) or pause)
             pause = min(TREE_RECHECK_MAX, pause * 1.5)
