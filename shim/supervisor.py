@@ -191,7 +191,8 @@ def _signal_procs(procs, *sigs):
 
 # -- the child ---------------------------------------------------------------------------------------------
 def _exec(path, argv, env, err_w):
-    """In a forked process: start clean (default dispositions, empty mask) and exec. Never returns.
+    """In a forked process whose dispositions are the defaults already (see ChildProcess.fork): clear the mask
+    and exec, so the command starts clean. Never returns.
 
     Signals that reached this process while it waited for the go-ahead are still pending. The terminal's
     (SI_KERNEL: a Ctrl-Z, a window resize while we waited) belonged to the wait, in which nothing is forwarded:
@@ -202,8 +203,6 @@ def _exec(path, argv, env, err_w):
         while (info := signal.sigtimedwait(CATCHABLE, 0)) is not None:
             if info.si_code != SI_KERNEL:
                 keep.append(info.si_signo)
-        for s in CATCHABLE:
-            signal.signal(s, signal.SIG_DFL)
         for s in keep:
             os.kill(os.getpid(), s)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -265,6 +264,10 @@ class ChildProcess:
                 for fd in (self._go_w, self._err_r, ready_r):
                     os.close(fd)
                 _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if consul-locker dies, so do we (and our namespace)
+                # Default dispositions now, while every signal is blocked (so none is acted on): after the
+                # go-ahead only the exec is left to do. An inherited SIG_IGN would survive the exec.
+                for s in CATCHABLE:
+                    signal.signal(s, signal.SIG_DFL)
                 if self.pid_namespace:
                     # Not in consul-locker itself: a process whose children go to another PID namespace cannot
                     # start threads any more, and consul-locker needs them.
