@@ -206,7 +206,16 @@ class Nemesis:
         """What became of each long-working holder: it finished its task (undisturbed), consul-locker ended it
         (killed), or the fence refused it."""
         for wl, s in victims:
-            now = wl.history.sections().get(s.conn)
+
+            def ended(wl=wl, s=s):
+                now = wl.history.sections().get(s.conn)
+                return now if now.phys_end is not None or now.refused else None
+
+            # A task that outlives the fault ends by itself a little later; wait for it, within its plan.
+            try:
+                now = wait_until(ended, max(0.1, s.start + s.planned + 5 - time.monotonic()), 0.1, "the task's end")
+            except AssertionError:
+                now = wl.history.sections().get(s.conn)
             if now.finished:
                 what = "finished its task"
             elif now.refused:
