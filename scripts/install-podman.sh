@@ -37,7 +37,24 @@ tarball=$cache/python-base-$codename.tar
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9
-if "${podman[@]}" image exists "$image"; then
+# The engine settings for commands that take no flags for them (`podman kube play` has no --ulimit):
+#   CONTAINERS_CONF=.cache/podman/containers.conf podman kube play ...
+cat >"$cache/containers.conf.tmp" <<'CONF'
+# Written by scripts/install-podman.sh: runc with cgroupfs (crun refuses the hybrid cgroup layout), and limits that
+# the sandbox lets a container have (the engine's defaults are higher and refused).
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+CONF
+mv "$cache/containers.conf.tmp" "$cache/containers.conf"
+
+# Bump when the image is made differently, so that machines that keep podman's storage get the new one.
+revision=2
+if [ "$("${podman[@]}" image inspect --format '{{index .Config.Labels "consul-locker.base-revision"}}' "$image" \
+    2>/dev/null)" = "$revision" ]; then
     echo "$image"
     exit 0
 fi
@@ -103,5 +120,11 @@ EOF
     mv "$tarball.tmp" "$tarball"
 fi
 
-"${podman[@]}" import --quiet "$tarball" "$image" >/dev/null
+# What the official python image sets, so that the Dockerfile behaves the same on both bases.
+"${podman[@]}" import --quiet \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'CMD ["python3"]' \
+    --change "LABEL consul-locker.base-revision=$revision" \
+    "$tarball" "$image" >/dev/null
 echo "$image"

@@ -11,7 +11,6 @@ each replica a pod of its own from the same manifest, the agent's address as a l
 stand-in for the application's programs at the paths the manifests name, which logs what it does and when.
 """
 
-import copy
 import hashlib
 import os
 import re
@@ -19,16 +18,17 @@ import shutil
 import time
 
 import pytest
-import yaml
 from lib import podman as lib_podman
 from lib.consul_agent import ROOT, consul_binary, wait_until
 from lib.locker import assert_no_session, lock_key, sessions_named
+from lib.podman import containers, lock_prefix, locked_command, pod_spec, workload
 
 pytestmark = pytest.mark.slow
 
 LOCK_LOST = 75  # contract: the lock was lost while the child ran
 USER = "10001"  # the Dockerfile's USER
 KUBE = os.path.join(ROOT, "examples", "kubernetes")
+MIGRATE, SINGLETON = "migrate-initcontainer.yaml", "singleton-deployment.yaml"
 MONGODB = os.path.join(ROOT, "examples", "mongodb")
 # A child that says it is ready, then idles until a signal; sleeping in the background keeps the shell's traps live.
 IDLE = "echo ready; while :; do sleep 60 & wait $!; done"
@@ -36,6 +36,8 @@ IDLE = "echo ready; while :; do sleep 60 & wait $!; done"
 
 @pytest.fixture(scope="module")
 def podman():
+    if not lib_podman.can_install():
+        pytest.skip("podman is not installed, and installing it (scripts/install-podman.sh) needs root")
     engine = lib_podman.engine()
     yield engine
     engine.close()
@@ -315,122 +317,12 @@ def test_mongodb_example_image_builds_from_the_project_image_and_its_entry_point
 
 # --- Kubernetes manifests, played by podman -------------------------------------------------------------------------
 
-FAKE_APP = """\
-#!/bin/sh
-# Stand-in for the manifests' programs: logs to /cltest/events what it is and when; a job (init container) works for
-# a second and ends, a service runs until SIGTERM.
-log() {
-    echo "$(date +%s.%N) $1 $(cat /proc/sys/kernel/hostname) $(basename "$0") held=${CONSUL_LOCK_HELD:-no}" \\
-        "key=${CONSUL_LOCK_KEY:-} index=${CONSUL_LOCK_INDEX:-}" >>/cltest/events
-}
-log START
-if [ "$CLTEST_MODE" = job ]; then
-    sleep 1
-    log END
-    exit 0
-fi
-trap 'log TERM; exit 0' TERM
-while :; do sleep 60 & wait $!; done
-"""
-# Kubernetes fields that podman 4.3 cannot play or that mean nothing on one host.
-POD_FIELDS_DROPPED = ("affinity", "topologySpreadConstraints", "nodeSelector", "tolerations", "priorityClassName",
-                      "serviceAccountName", "automountServiceAccountToken")  # fmt: skip
-CONTAINER_FIELDS_DROPPED = ("ports", "livenessProbe", "readinessProbe", "startupProbe")
-# The test agent has no ACL and no TLS: settings for a production agent would only make the run fail.
-ENV_DROPPED = re.compile(r"CONSUL_(HTTP_TOKEN|HTTP_TOKEN_FILE|HTTP_SSL.*|CACERT|CAPATH|CLIENT_CERT|CLIENT_KEY|"
-                         r"TLS_SERVER_NAME|HTTP_AUTH)$")  # fmt: skip
-
-
-def workload(manifest):
-    """The one Deployment (or Pod) of a manifest file; other kinds (a PodDisruptionBudget) mean nothing to podman."""
-    with open(os.path.join(KUBE, manifest)) as f:
-        docs = [d for d in yaml.safe_load_all(f) if d and d.get("kind") in ("Deployment", "Pod")]
-    assert len(docs) == 1, f"{manifest}: expected one Deployment or Pod, found {len(docs)}"
-    return docs[0]
-
-
-def pod_spec(doc):
-    return doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
-
-
-def containers(doc):
-    """[(mode, container)]: init containers are jobs, the others services."""
-    spec = pod_spec(doc)
-    return [("job", c) for c in spec.get("initContainers") or []] + [("service", c) for c in spec["containers"]]
-
-
-def locked_command(container):
-    """(consul-locker's argv up to NAME, COMMAND argv) of a container run under consul-locker, else (None, argv)."""
-    argv = list(container.get("command") or []) + list(container.get("args") or [])
-    if argv and os.path.basename(argv[0]) == "consul-locker":
-        assert "--" in argv, f"write `consul-locker OPTIONS NAME -- COMMAND` in manifests: {argv}"
-        i = argv.index("--")
-        return argv[:i], argv[i + 1 :]
-    return None, argv
-
-
-def lock_prefix(locker_argv):
-    """The KV prefix a consul-locker command line uses: --prefix, else consul-locker/NAME."""
-    for i, arg in enumerate(locker_argv):
-        if arg == "--prefix":
-            return locker_argv[i + 1]
-        if arg.startswith("--prefix="):
-            return arg.split("=", 1)[1]
-    return "consul-locker/" + locker_argv[-1]
-
-
-def program_paths(doc):
-    paths = {locked_command(c)[1][0] for _, c in containers(doc)}
-    return sorted(p if p.startswith("/") else "/usr/local/bin/" + p for p in paths)
-
-
-def render(doc, name, app_image, consul_addr, log_dir):
-    """One replica of the manifest's workload as podman 4.3 plays it on one host (docs/containers.md)."""
-    doc = copy.deepcopy(doc)
-    doc["metadata"]["name"] = name
-    if doc["kind"] == "Deployment":
-        doc["spec"]["replicas"] = 1  # each replica is a pod of its own, played from the same manifest
-    spec = pod_spec(doc)
-    # host networking: the agent listens on loopback; status.hostIP means that loopback address here
-    spec["hostNetwork"] = True
-    # podman 4.3 restarts an init container that exited 0 when the pod restarts always; a job must run once
-    spec["restartPolicy"] = "OnFailure"
-    for field in POD_FIELDS_DROPPED:
-        spec.pop(field, None)
-    volumes = [v for v in spec.get("volumes") or [] if "emptyDir" in v]
-    kept = {v["name"] for v in volumes}
-    spec["volumes"] = volumes + [{"name": "cltest", "hostPath": {"path": log_dir, "type": "Directory"}}]
-    for mode, c in containers(doc):
-        c["image"] = app_image
-        c["imagePullPolicy"] = "Never"
-        for field in CONTAINER_FIELDS_DROPPED:
-            c.pop(field, None)
-        env = []
-        for e in c.get("env") or []:
-            ref = (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath", "")
-            if e["name"] == "CONSUL_HTTP_ADDR" or ENV_DROPPED.match(e["name"]):
-                continue
-            if "valueFrom" in e and not ref.startswith("metadata."):
-                e = {"name": e["name"], "value": "127.0.0.1"}  # status.hostIP / podIP: podman knows only metadata
-            env.append(e)
-        c["env"] = env + [{"name": "CONSUL_HTTP_ADDR", "value": consul_addr}, {"name": "CLTEST_MODE", "value": mode}]
-        mounts = [m for m in c.get("volumeMounts") or [] if m["name"] in kept]
-        c["volumeMounts"] = mounts + [{"name": "cltest", "mountPath": "/cltest"}]
-    return yaml.safe_dump(doc, sort_keys=False)
-
 
 @pytest.fixture(scope="module")
-def app_image(podman, image, tmp_path_factory):
-    """The project's image plus the stand-in program at every path the manifests run."""
-    paths = sorted({p for m in ("migrate-initcontainer.yaml", "singleton-deployment.yaml")
-                    for p in program_paths(workload(m))})  # fmt: skip
-    links = " && ".join(f"mkdir -p {os.path.dirname(p)} && ln -sf /usr/local/bin/cltest-fake-app {p}" for p in paths)
-    context = lib_podman.write_context(str(tmp_path_factory.mktemp("app-image")), {
-        "fake-app": FAKE_APP,
-        "Containerfile": f"FROM {image}\nUSER 0:0\nCOPY fake-app /usr/local/bin/cltest-fake-app\n"
-                         f"RUN {links}\nUSER {USER}:{USER}\n",
-    })  # fmt: skip
-    return podman.build(context, "localhost/consul-locker-test-app:latest")
+def app_image(podman, image):
+    """The project's image plus the stand-in for the manifests' programs."""
+    manifests = [os.path.join(KUBE, m) for m in (MIGRATE, SINGLETON)]
+    return lib_podman.build_stand_in(podman, image, manifests, tag="localhost/consul-locker-stand-in:test")
 
 
 class Pods:
@@ -438,14 +330,14 @@ class Pods:
 
     def __init__(self, podman, consul, manifest, app_image, log_dir, tmp_path):
         self.podman, self.consul, self.log_dir, self.tmp = podman, consul, log_dir, tmp_path
-        self.doc = workload(manifest)
+        self.doc = workload(os.path.join(KUBE, manifest))
         self.app_image = app_image
         self.grace = pod_spec(self.doc).get("terminationGracePeriodSeconds", 30)
 
     def render(self):
         name = self.podman.name(self.doc["metadata"]["name"])
         path = self.tmp / f"{name}.yaml"
-        path.write_text(render(self.doc, name, self.app_image, self.consul.addr, self.log_dir))
+        path.write_text(lib_podman.render(self.doc, name, self.app_image, self.consul.addr, self.log_dir))
         return path
 
     def play(self, path, timeout=120):
@@ -473,7 +365,7 @@ class Pods:
 
 @pytest.mark.timeout(180, func_only=True)
 def test_kube_migration_initcontainer_runs_under_the_lock_before_the_app(podman, consul, app_image, shared, tmp_path):
-    pods = Pods(podman, consul, "migrate-initcontainer.yaml", app_image, shared, tmp_path)
+    pods = Pods(podman, consul, MIGRATE, app_image, shared, tmp_path)
     (_, init), *_ = [(m, c) for m, c in containers(pods.doc) if m == "job"]
     prefix = lock_prefix(locked_command(init)[0])
     # two replicas start together; `kube play` returns once the pod's init containers have finished
@@ -509,7 +401,7 @@ def test_kube_migration_initcontainer_runs_under_the_lock_before_the_app(podman,
 def test_kube_singleton_standby_waits_and_takes_over_when_the_active_pod_is_removed(
     podman, consul, app_image, shared, tmp_path
 ):
-    pods = Pods(podman, consul, "singleton-deployment.yaml", app_image, shared, tmp_path)
+    pods = Pods(podman, consul, SINGLETON, app_image, shared, tmp_path)
     ((_, scheduler),) = containers(pods.doc)
     prefix = lock_prefix(locked_command(scheduler)[0])
 

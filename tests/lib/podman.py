@@ -11,29 +11,35 @@ CONTAINERS_CONF file that every podman command here is given.
 
 Everything a test creates is named PREFIX-..., PREFIX unique to the pytest run, so that `cleanup()` finds all of
 it (containers, pods, volumes) even after a failure.
+
+The Kubernetes examples are played as podman can play them on one host (docs/containers.md): `render()` makes
+that variant of a manifest, with a stand-in for the application's programs. Also a command for trying it by hand:
+
+    .venv/bin/python tests/lib/podman.py kube examples/kubernetes/singleton-deployment.yaml NAME \
+        --consul-addr http://127.0.0.1:8500 --events DIR > NAME.yaml
 """
 
+import argparse
+import copy
 import os
+import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 
-import pytest
+if __name__ == "__main__":  # run as a script: make `lib` importable as it is under pytest
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib.consul_agent import ROOT
+import yaml  # noqa: E402
+
+from lib.consul_agent import ROOT  # noqa: E402
 
 INSTALL = os.path.join(ROOT, "scripts", "install-podman.sh")
 ENGINE_FLAGS = ["--runtime", "runc", "--cgroup-manager=cgroupfs"]
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-"""
+CONTAINERS_CONF = os.path.join(ROOT, ".cache", "podman", "containers.conf")  # written by install-podman.sh
 # Image build context of the project's image: the repository root, or another tree (e.g. a clean export of a
 # known-good commit while the working tree is mid-change).
 CONTEXT_VAR = "CONSUL_LOCKER_BUILD_CONTEXT"
@@ -49,11 +55,7 @@ class Podman:
     def __init__(self, base_image):
         self.base_image = base_image
         self.prefix = "cltest-" + secrets.token_hex(3)
-        self._dir = tempfile.mkdtemp(prefix="consul-locker-podman-")
-        self.conf = os.path.join(self._dir, "containers.conf")
-        with open(self.conf, "w") as f:
-            f.write(CONTAINERS_CONF)
-        self.env = dict(os.environ, CONTAINERS_CONF=self.conf)
+        self.env = dict(os.environ, CONTAINERS_CONF=CONTAINERS_CONF)
         self._count = 0
 
     def name(self, role):
@@ -123,19 +125,19 @@ class Podman:
         if vols:
             self("volume", "rm", "-f", *vols, check=False)
 
-    def close(self):
-        self.cleanup()
-        shutil.rmtree(self._dir, ignore_errors=True)
+    close = cleanup
+
+
+def can_install():
+    """Whether an engine can be had here: podman is installed, or we are root and can install it."""
+    return bool(shutil.which("podman")) or os.geteuid() == 0
 
 
 def engine():
-    """A ready engine with its base image, installing podman and making the base image when they are missing.
-
-    Skips only where no engine can be had: podman missing and no root to install it."""
-    if not shutil.which("podman") and os.geteuid() != 0:
-        pytest.skip("podman is not installed and installing it needs root (scripts/install-podman.sh)")
+    """A ready engine with its base image, installing podman and making the base image when they are missing."""
     r = subprocess.run(["bash", INSTALL], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"scripts/install-podman.sh failed:\n{r.stderr}"
+    if r.returncode != 0:
+        raise RuntimeError(f"scripts/install-podman.sh failed:\n{r.stderr}")
     return Podman(r.stdout.strip().splitlines()[-1])
 
 
@@ -148,3 +150,151 @@ def write_context(directory, files):
             f.write(text)
         os.chmod(path, 0o755 if text.startswith("#!") else 0o644)
     return directory
+
+
+# --- Kubernetes manifests, as podman plays them on one host --------------------------------------------------------
+
+# The application's programs in the manifests (/app/bin/...) are this stand-in: it logs to /stand-in/events what it
+# is and when (with the lock's variables); a job (an init container) works for a second and ends, a service runs
+# until SIGTERM.
+STAND_IN = """\
+#!/bin/sh
+log() {
+    echo "$(date +%s.%N) $1 $(cat /proc/sys/kernel/hostname) $(basename "$0") held=${CONSUL_LOCK_HELD:-no}" \\
+        "key=${CONSUL_LOCK_KEY:-} index=${CONSUL_LOCK_INDEX:-}" >>/stand-in/events
+}
+log START
+if [ "$STAND_IN_MODE" = job ]; then
+    sleep 1
+    log END
+    exit 0
+fi
+trap 'log TERM; exit 0' TERM
+while :; do sleep 60 & wait $!; done
+"""
+# Kubernetes fields that podman 4.3 cannot play, or that mean nothing on one host.
+POD_FIELDS_DROPPED = ("affinity", "topologySpreadConstraints", "nodeSelector", "tolerations", "priorityClassName",
+                      "serviceAccountName", "automountServiceAccountToken")  # fmt: skip
+CONTAINER_FIELDS_DROPPED = ("ports", "livenessProbe", "readinessProbe", "startupProbe")
+# A local dev agent has no ACL and no TLS: a production agent's settings would only make the run fail.
+ENV_DROPPED = re.compile(r"CONSUL_(HTTP_TOKEN|HTTP_TOKEN_FILE|HTTP_SSL.*|CACERT|CAPATH|CLIENT_CERT|CLIENT_KEY|"
+                         r"TLS_SERVER_NAME|HTTP_AUTH)$")  # fmt: skip
+
+
+def workload(path):
+    """The one Deployment (or Pod) of a manifest file; other kinds (a PodDisruptionBudget) mean nothing to podman."""
+    with open(path) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d and d.get("kind") in ("Deployment", "Pod")]
+    if len(docs) != 1:
+        raise ValueError(f"{path}: expected one Deployment or Pod, found {len(docs)}")
+    return docs[0]
+
+
+def pod_spec(doc):
+    return doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
+
+
+def containers(doc):
+    """[(mode, container)]: init containers are jobs, the others services."""
+    spec = pod_spec(doc)
+    return [("job", c) for c in spec.get("initContainers") or []] + [("service", c) for c in spec["containers"]]
+
+
+def locked_command(container):
+    """(consul-locker's argv up to NAME, COMMAND argv) of a container run under consul-locker, else (None, argv)."""
+    argv = list(container.get("command") or []) + list(container.get("args") or [])
+    if argv and os.path.basename(argv[0]) == "consul-locker":
+        if "--" not in argv:
+            raise ValueError(f"write `consul-locker OPTIONS NAME -- COMMAND` in manifests: {argv}")
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return None, argv
+
+
+def lock_prefix(locker_argv):
+    """The KV prefix a consul-locker command line uses: --prefix, else consul-locker/NAME."""
+    for i, arg in enumerate(locker_argv):
+        if arg == "--prefix":
+            return locker_argv[i + 1]
+        if arg.startswith("--prefix="):
+            return arg.split("=", 1)[1]
+    return "consul-locker/" + locker_argv[-1]
+
+
+def program_paths(doc):
+    paths = {locked_command(c)[1][0] for _, c in containers(doc)}
+    return sorted(p if p.startswith("/") else "/usr/local/bin/" + p for p in paths)
+
+
+def render(doc, name, image, consul_addr, events_dir):
+    """One replica of the manifest's workload as podman 4.3 plays it on one host (docs/containers.md)."""
+    doc = copy.deepcopy(doc)
+    doc["metadata"]["name"] = name
+    if doc["kind"] == "Deployment":
+        doc["spec"]["replicas"] = 1  # each replica is a pod of its own, played from the same manifest
+    spec = pod_spec(doc)
+    # host networking: the agent listens on loopback, and status.hostIP means that loopback address here
+    spec["hostNetwork"] = True
+    # podman 4.3 restarts an init container that exited 0 when the pod restarts always: the job would loop
+    spec["restartPolicy"] = "OnFailure"
+    for field in POD_FIELDS_DROPPED:
+        spec.pop(field, None)
+    volumes = [v for v in spec.get("volumes") or [] if "emptyDir" in v]
+    kept = {v["name"] for v in volumes}
+    spec["volumes"] = volumes + [{"name": "stand-in", "hostPath": {"path": events_dir, "type": "Directory"}}]
+    for mode, c in containers(doc):
+        c["image"] = image
+        c["imagePullPolicy"] = "Never"
+        for field in CONTAINER_FIELDS_DROPPED:
+            c.pop(field, None)
+        env = []
+        for e in c.get("env") or []:
+            ref = (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath", "")
+            if e["name"] == "CONSUL_HTTP_ADDR" or ENV_DROPPED.match(e["name"]):
+                continue
+            if "valueFrom" in e and not ref.startswith("metadata."):
+                e = {"name": e["name"], "value": "127.0.0.1"}  # podman's fieldRef knows only metadata fields
+            env.append(e)
+        c["env"] = env + [{"name": "CONSUL_HTTP_ADDR", "value": consul_addr}, {"name": "STAND_IN_MODE", "value": mode}]
+        mounts = [m for m in c.get("volumeMounts") or [] if m["name"] in kept]
+        c["volumeMounts"] = mounts + [{"name": "stand-in", "mountPath": "/stand-in"}]
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def build_stand_in(podman, base, manifests, tag="localhost/consul-locker-stand-in:latest"):
+    """BASE (the project's image) plus the stand-in program at every path the manifests run."""
+    paths = sorted({p for m in manifests for p in program_paths(workload(m))})
+    links = " && ".join(f"mkdir -p {os.path.dirname(p)} && ln -sf /usr/local/bin/stand-in {p}" for p in paths)
+    user = podman("image", "inspect", "--format", "{{.Config.User}}", base).stdout.strip()
+    with tempfile.TemporaryDirectory() as context:
+        write_context(context, {
+            "stand-in": STAND_IN,
+            "Containerfile": f"FROM {base}\nUSER 0:0\nCOPY stand-in /usr/local/bin/stand-in\nRUN {links}\n"
+                             f"USER {user or '0:0'}\n",
+        })  # fmt: skip
+        return podman.build(context, tag)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="tests/lib/podman.py",
+        description="Print the podman variant of a Kubernetes example (one replica), after building the stand-in "
+        "image for its programs; play it with `CONTAINERS_CONF=.cache/podman/containers.conf podman kube play FILE`.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    k = sub.add_parser("kube")
+    k.add_argument("manifest")
+    k.add_argument("name", help="the replica's name (the Deployment's); its pod is NAME-pod-0")
+    k.add_argument("--consul-addr", default="http://127.0.0.1:8500")
+    k.add_argument("--events", required=True, help="host directory where the stand-in logs what it does")
+    k.add_argument("--from", dest="base", default="localhost/consul-locker:latest", help="the project's image")
+    args = p.parse_args(argv)
+    events = os.path.abspath(args.events)
+    os.makedirs(events, exist_ok=True)
+    os.chmod(events, 0o777)  # the image's non-root user writes there
+    image = build_stand_in(engine(), args.base, [args.manifest])
+    sys.stdout.write(render(workload(args.manifest), args.name, image, args.consul_addr, events))
+
+
+if __name__ == "__main__":
+    main()
