@@ -60,6 +60,9 @@ RETRY_MAX = 1.0
 # After a grant refused by lock-delay, Consul does not say when the delay ends; we retry on this backoff
 # (instead of `consul lock`'s fixed 5 s) so the lock is taken at most RETRY_MAX after the delay has passed.
 LOCK_DELAY_RETRY_FIRST = 0.05
+# After a grant lost to another contender, the next read comes after this (growing while grants keep failing):
+# short, because a lost race is normal under contention and the next read will just show the winner.
+RACE_RETRY_FIRST = 0.01
 # One renewal attempt may take this share of the TTL. A renewal the agent forwarded to an isolated leader hangs;
 # abandoning it early and retrying (on a new connection) lets a later attempt reach the new leader before the
 # fence. Bounded below for slow agents, above so a long TTL still retries.
@@ -533,6 +536,7 @@ class Locker:
         self._create_session()
         index, attempted, reported = None, False, False
         delay_backoff = Backoff(first=LOCK_DELAY_RETRY_FIRST)
+        race_backoff = Backoff(first=RACE_RETRY_FIRST)
         retry_at = None
         while True:
             if self._stop.is_set():
@@ -566,16 +570,19 @@ class Locker:
                 attempted = True
                 if isinstance(outcome, Hold):
                     return outcome
-                if outcome == "delay":  # free, but refused for lock-delay after a holder's session ended
-                    if not wait:
-                        raise NotAcquired(NotAcquired.BUSY, key)
-                    pause = delay_backoff.delay()
-                    if remaining is not None:
-                        pause = min(pause, max(0.0, remaining))
-                    if self._stop.wait(pause):
-                        raise NotAcquired(NotAcquired.STOPPED, key)
-                index, retry_at = None, None  # read again at once: somebody else won, or a retry is due
+                if outcome == "delay" and not wait:  # free, but refused for lock-delay after a session ended
+                    raise NotAcquired(NotAcquired.BUSY, key)
+                # Read again (without an index: at once) after a pause: the lock-delay's, or a short one that
+                # grows while grants keep failing (somebody else won, or Consul failed the write), so that no
+                # answer of Consul's can make this loop spin.
+                pause = (delay_backoff if outcome == "delay" else race_backoff).delay()
+                if remaining is not None:
+                    pause = min(pause, max(0.0, remaining))
+                if self._stop.wait(pause):
+                    raise NotAcquired(NotAcquired.STOPPED, key)
+                index, retry_at = None, None
                 continue
+            race_backoff.reset()
             attempted = True
             if not wait:
                 raise NotAcquired(NotAcquired.BUSY, key)
