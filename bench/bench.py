@@ -2,14 +2,21 @@
 """consul-locker side by side with `consul lock`, on one Consul dev agent started for the run.
 
     .venv/bin/python bench/bench.py [--quick] [--rounds N] [--signal-rounds N] [--burst N] [--skip-failover]
-                                    [--with-module] [--json FILE]
+                                    [--with-module] [--only LIST] [--json FILE]
 
 Both tools use the same key layout: `consul-locker NAME` holds consul-locker/NAME/.lock, and so does
 `consul lock consul-locker/NAME`. Every timestamp that matters is taken by a tiny C program (bench/stamp.c,
 compiled with the system C compiler at start) running as the tools' child, so the figures are the wrappers' own
-and not an interpreter's start-up. The table gives each figure, the ratio consul-locker / consul lock and the
-project's target for that ratio. These are measurements, not pass/fail tests: the exit code is 0 whenever the
-benchmark ran, whatever the ratios.
+and not an interpreter's start-up.
+
+Built for a shared, noisy machine: in every round each tool runs once, in an order that rotates from round to
+round, so a slow spell hits every tool alike; each figure is a median over rounds; the load average is recorded
+before and after every phase and printed with the table. The start-up floor of the Python that consul-locker runs
+on (`python -c "import requests, psutil"`, and `python -c pass`) is measured in the same rounds as the
+uncontended runs, so consul-locker's own start-up cost is its wall time minus that floor.
+
+The table gives each figure, the ratio consul-locker / consul lock and the project's target for it (issue 13).
+These are measurements, not pass/fail tests: the exit code is 0 whenever the benchmark ran, whatever the ratios.
 """
 
 import argparse
@@ -31,7 +38,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from lib.consul_agent import Agent, consul_binary, wait_until  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# How long a waiter is given, after its session exists, to reach its blocking query on the held key.
+# How long a waiter is given, once it has said it waits (or, for `consul lock`, which says nothing, once its session
+# exists), to reach its blocking query on the held key.
 SETTLE_WAITER = 0.3
 # How long a wrapper runs with its child ready before VmHWM is read (threads started, first queries answered).
 SETTLE_RSS = 1.0
@@ -39,9 +47,17 @@ SETTLE_RSS = 1.0
 SETTLE_SIGNAL = 0.1
 STEP_TIMEOUT = 60.0  # any single step (a process start, a handoff) that takes longer is a failure
 FAILOVER_TIMEOUT = 180.0
+# What consul-locker prints once it knows the lock is held elsewhere, right before its first blocking query.
+WAITING_LINE = b"waiting for "
+# The floors: the interpreter consul-locker runs on, doing nothing, and importing what consul-locker depends on.
+FLOORS = {
+    "floor-deps": ("python -c 'import requests, psutil'", "import requests, psutil"),
+    "floor-pass": ("python -c pass", "pass"),
+}
 
 FULL = {"rounds": 20, "signal_rounds": 100, "burst": 20, "burst_rounds": 3, "rss_rounds": 3, "failover_rounds": 1}
 QUICK = {"rounds": 5, "signal_rounds": 10, "burst": 10, "burst_rounds": 1, "rss_rounds": 1, "failover_rounds": 1}
+PHASES = ("uncontended", "handoff", "burst", "rss", "signal", "failover")
 
 
 class BenchError(Exception):
@@ -50,10 +66,13 @@ class BenchError(Exception):
 
 # -- the tools ---------------------------------------------------------------------------------------------
 class Tool:
-    """How to run COMMAND under the lock NAME with one tool. `failover_opts`: the options used for failover."""
+    """How to run COMMAND under the lock NAME with one tool. `waiting_line`: what the tool prints when it starts
+    to wait for a held lock (None: it prints nothing)."""
 
-    def __init__(self, key, label, argv, failover_note):
+    def __init__(self, key, label, argv, failover_note, failover_bound=None, waiting_line=None):
         self.key, self.label, self._argv, self.failover_note = key, label, argv, failover_note
+        self.failover_bound = failover_bound  # seconds: 2 x TTL + lock-delay of the failover options
+        self.waiting_line = waiting_line
 
     def command(self, name, child, failover=False):
         return self._argv(name, list(child), failover)
@@ -73,14 +92,24 @@ def make_tools(args, agent_addr, consul):
         return [consul, "lock", f"-http-addr={agent_addr}", "-shell=false", f"consul-locker/{name}"] + child
 
     locker_note = f"--ttl {args.failover_ttl} --lock-delay {args.failover_lock_delay}"
+    locker_bound = 2 * _seconds(args.failover_ttl) + _seconds(args.failover_lock_delay)
     consul_note = "session TTL 15s (api default, no flag), lock-delay 15s (Consul default, no flag)"
     tools = [
-        Tool("consul-locker", "consul-locker", locker_argv(locker), locker_note),
-        Tool("consul-lock", "consul lock", consul_lock_argv, consul_note),
+        Tool("consul-locker", "consul-locker", locker_argv(locker), locker_note, locker_bound, WAITING_LINE),
+        Tool("consul-lock", "consul lock", consul_lock_argv, consul_note, 2 * 15.0 + 15.0),
     ]
     if args.with_module:
-        tools.append(Tool("module", "python -m shim", locker_argv([sys.executable, "-m", "shim"]), locker_note))
+        module = locker_argv([sys.executable, "-m", "shim"])
+        tools.append(Tool("module", "python -m shim", module, locker_note, locker_bound, WAITING_LINE))
     return tools
+
+
+def _seconds(text):
+    """The failover options are Go durations; the bench only needs plain seconds, minutes or milliseconds."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
 
 
 def _default_locker():
@@ -91,6 +120,21 @@ def _default_locker():
     if not found:
         raise BenchError("consul-locker not found beside this Python or on PATH (pip install . ; or --locker PATH)")
     return found
+
+
+def locker_python(args):
+    """The interpreter consul-locker runs on: the #! line of its console script, else this Python."""
+    first = shlex.split(args.locker)[0] if args.locker else _default_locker()
+    try:
+        with open(first, "rb") as f:
+            line = f.readline(4096)
+    except OSError:
+        return sys.executable
+    if line.startswith(b"#!"):
+        words = line[2:].decode(errors="replace").split()
+        if words and os.path.basename(words[0]).startswith("python"):
+            return words[0]
+    return sys.executable
 
 
 # -- process helpers ---------------------------------------------------------------------------------------
@@ -115,9 +159,12 @@ class Bench:
         os.mkfifo(p)
         return p
 
+    def log_path(self, tool):
+        return os.path.join(self.workdir, f"{tool.key}.log")
+
     def start(self, argv, tool):
         """Start a wrapper in its own process group (so cleanup can kill whatever it leaves), stdin closed."""
-        log = open(os.path.join(self.workdir, f"{tool.key}.log"), "ab")
+        log = open(self.log_path(tool), "ab")
         try:
             p = subprocess.Popen(
                 argv,
@@ -146,10 +193,17 @@ class Bench:
 
     def log_tail(self, p, n=15):
         try:
-            with open(os.path.join(self.workdir, f"{p.bench_tool.key}.log"), errors="replace") as f:
+            with open(self.log_path(p.bench_tool), errors="replace") as f:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
+
+    def log_count(self, tool, text):
+        try:
+            with open(self.log_path(tool), "rb") as f:
+                return f.read().count(text)
+        except OSError:
+            return 0
 
     def kill_all(self):
         for p in self.live:
@@ -163,11 +217,14 @@ class Bench:
                 pass
         self.live = []
 
+    def _alive(self, procs, what):
+        for p in procs:
+            if p.poll() is not None:
+                raise BenchError(f"{p.bench_tool.label} exited ({p.returncode}) before {what}\n{self.log_tail(p)}")
+
     def wait_file(self, path, what, procs, timeout=STEP_TIMEOUT):
         def ready():
-            for p in procs:
-                if p.poll() is not None:
-                    raise BenchError(f"{p.bench_tool.label} exited ({p.returncode}) before {what}\n{self.log_tail(p)}")
+            self._alive(procs, what)
             return os.path.exists(path)
 
         wait_until(ready, timeout, 0.002, what)
@@ -177,17 +234,31 @@ class Bench:
         marker = f"consul-locker/{name}"
 
         def ready():
-            for p in procs:
-                if p.poll() is not None:
-                    raise BenchError(f"{p.bench_tool.label} exited ({p.returncode}) early\n{self.log_tail(p)}")
+            self._alive(procs, f"{count} session(s) existed")
             return len([s for s in self.agent.sessions() if marker in s.get("Name", "")]) >= count
 
         wait_until(ready, timeout, 0.01, f"{count} session(s) for {marker}")
+
+    def wait_waiting(self, tool, seen_before, procs, timeout=STEP_TIMEOUT):
+        """For a tool that says when it starts to wait: until it has said so once more than `seen_before`."""
+        if tool.waiting_line is None:
+            return
+
+        def ready():
+            self._alive(procs, "the waiter said it waits")
+            return self.log_count(tool, tool.waiting_line) > seen_before
+
+        wait_until(ready, timeout, 0.005, f"{tool.label}'s waiting line")
 
     def release(self, fifo):
         """Let a `hold` child finish: opening its FIFO for writing unblocks it."""
         fd = os.open(fifo, os.O_WRONLY)
         os.close(fd)
+
+    def _waiter_ready(self, tool, name, holder, waiter, seen_before):
+        self.wait_sessions(name, 2, [holder, waiter])
+        self.wait_waiting(tool, seen_before, [holder, waiter])
+        time.sleep(SETTLE_WAITER)
 
     # -- measurements ----------------------------------------------------------------------------------
     def handoff(self, tool, i):
@@ -196,9 +267,9 @@ class Bench:
         ready, fifo, end, start = self.path("ready"), self.fifo(), self.path("end"), self.path("start")
         holder = self.start(tool.command(name, [self.stamp, "hold", ready, fifo, end]), tool)
         self.wait_file(ready, "the holder's child is running", [holder])
+        seen = self.log_count(tool, tool.waiting_line) if tool.waiting_line else 0
         waiter = self.start(tool.command(name, [self.stamp, "stamp", start]), tool)
-        self.wait_sessions(name, 2, [holder, waiter])
-        time.sleep(SETTLE_WAITER)
+        self._waiter_ready(tool, name, holder, waiter, seen)
         self.release(fifo)
         self.finish(holder)
         self.finish(waiter)
@@ -215,18 +286,25 @@ class Bench:
             raise BenchError(f"{tool.label} burst: exit codes {codes}\n{self.log_tail(procs[0])}")
         return wall
 
-    def uncontended(self, tool, i):
-        """`true` under a free lock: (wall ms, CPU ms of the wrapper and its child, from wait4's rusage)."""
-        name = f"bench-uncontended-{tool.key}-{i:04d}"
+    def _timed(self, argv, tool):
+        """Run argv to its end: (wall ms, CPU ms of it and its children, from wait4's rusage)."""
         t0 = time.perf_counter()
-        p = self.start(tool.command(name, ["true"]), tool)
+        p = self.start(argv, tool)
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         self.live.remove(p)
         if p.returncode != 0:
-            raise BenchError(f"{tool.label} `true` exited {p.returncode}\n{self.log_tail(p)}")
+            raise BenchError(f"{tool.label}: {argv} exited {p.returncode}\n{self.log_tail(p)}")
         return wall * 1e3, (usage.ru_utime + usage.ru_stime) * 1e3
+
+    def uncontended(self, tool, i):
+        """`true` under a free lock: (wall ms, CPU ms of the wrapper and its child)."""
+        return self._timed(tool.command(f"bench-uncontended-{tool.key}-{i:04d}", ["true"]), tool)
+
+    def floor(self, floor_tool):
+        """The interpreter's own start-up: (wall ms, CPU ms)."""
+        return self._timed(floor_tool.command("", []), floor_tool)
 
     def peak_rss(self, tool, i):
         """VmHWM of the wrapper process (MiB) while its child waits."""
@@ -259,9 +337,9 @@ class Bench:
         ready, fifo, end, start = self.path("ready"), self.fifo(), self.path("end"), self.path("start")
         holder = self.start(tool.command(name, [self.stamp, "hold", ready, fifo, end], failover=True), tool)
         self.wait_file(ready, "the holder's child is running", [holder])
+        seen = self.log_count(tool, tool.waiting_line) if tool.waiting_line else 0
         waiter = self.start(tool.command(name, [self.stamp, "stamp", start], failover=True), tool)
-        self.wait_sessions(name, 2, [holder, waiter])
-        time.sleep(SETTLE_WAITER)
+        self._waiter_ready(tool, name, holder, waiter, seen)
         killed = time.time_ns()
         os.kill(holder.pid, signal.SIGKILL)
         self.finish(waiter, FAILOVER_TIMEOUT)
@@ -284,6 +362,12 @@ def _read_ns(path, proc):
     return int(text)
 
 
+def rotated(items, i):
+    """items, starting at position i (mod len): who goes first changes from round to round."""
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
 # -- statistics and report ---------------------------------------------------------------------------------
 def median(xs):
     return statistics.median(xs) if xs else None
@@ -297,17 +381,22 @@ def p90(xs):
     return statistics.quantiles(xs, n=10, method="inclusive")[8]
 
 
-# (metric key, row label, unit, summary function, target ratio or None)
+# (metric key, row label, unit, summary function, target). Targets (issue 13): ("ratio", x) is consul-locker /
+# consul lock <= x; "startup" is consul-locker's wall minus the floor, over consul lock's whole wall; "bound" is
+# each tool's 2 x TTL + lock-delay; "floor" rows show the interpreter's figure in consul-locker's column.
 ROWS = [
-    ("handoff", "handoff, median", "ms", median, 1.0),
+    ("handoff", "handoff, median", "ms", median, ("ratio", 1.2)),
     ("handoff", "handoff, p90", "ms", p90, None),
-    ("burst", "burst of {burst} `true`, total", "s", median, 0.4),
-    ("uncontended_wall", "uncontended `true`, wall", "ms", median, 3.0),
-    ("uncontended_cpu", "uncontended `true`, CPU", "ms", median, None),
-    ("rss", "peak RSS while child sleeps", "MiB", median, 0.7),
-    ("signal", "SIGTERM -> child handler, median", "ms", median, 1.0),
+    ("signal", "SIGTERM -> child handler, median", "ms", median, ("ratio", 1.0)),
     ("signal", "SIGTERM -> child handler, p90", "ms", p90, None),
-    ("failover", "failover after SIGKILL", "s", median, None),
+    ("burst", "burst of {burst} `true`, total", "s", median, ("ratio", 0.7)),
+    ("rss", "peak RSS while child sleeps", "MiB", median, ("ratio", 0.75)),
+    ("uncontended_wall", "uncontended `true`, wall", "ms", median, None),
+    ("uncontended_wall", "uncontended wall minus floor", "ms", median, ("startup", 2.0)),
+    ("floor-deps", "floor: python -c 'import requests, psutil'", "ms", median, "floor"),
+    ("floor-pass", "floor: python -c pass", "ms", median, "floor"),
+    ("uncontended_cpu", "uncontended `true`, CPU", "ms", median, None),
+    ("failover", "failover after SIGKILL", "s", median, "bound"),
 ]
 
 
@@ -317,19 +406,34 @@ def summarize(results, tools, args):
         if key not in results:
             continue
         values = {t.key: fn(results[key].get(t.key, [])) for t in tools}
+        row = {"metric": key, "label": label.format(burst=args.burst), "unit": unit, "values": values}
         ours, theirs = values.get("consul-locker"), values.get("consul-lock")
+        kind, limit = target if isinstance(target, tuple) else (target, None)
+        if kind == "floor":
+            row["values"] = {t.key: None for t in tools}
+            row["values"]["consul-locker"] = fn(results[key].get("python", []))
+            ours = theirs = None
+        if kind == "startup":
+            row["metric"] = "startup_over_floor"
+            floor = median(results.get("floor-deps", {}).get("python", []))
+            for t in tools:
+                if t.key != "consul-lock" and values[t.key] is not None and floor is not None:
+                    row["values"][t.key] = values[t.key] - floor
+            ours = row["values"].get("consul-locker")
         ratio = ours / theirs if ours is not None and theirs else None
-        rows.append(
-            {
-                "metric": key,
-                "label": label.format(burst=args.burst),
-                "unit": unit,
-                "values": values,
-                "ratio": ratio,
-                "target": target,
-                "met": None if target is None or ratio is None else ratio <= target,
-            }
-        )
+        row.update(ratio=ratio, target=limit, met=None, target_text="-")
+        if kind in ("ratio", "startup") and ratio is not None:
+            row["met"] = ratio <= limit
+            what = "x consul lock's whole wall" if kind == "startup" else "x"
+            row["target_text"] = f"<= {limit:g}{what} " + ("ok" if row["met"] else "MISSED")
+        elif kind == "bound" and ours is not None:
+            tool = next(t for t in tools if t.key == "consul-locker")
+            row["target"] = tool.failover_bound
+            row["met"] = ours <= tool.failover_bound
+            row["target_text"] = f"<= {tool.failover_bound:g}s (2 x TTL + lock-delay) " + (
+                "ok" if row["met"] else "MISSED"
+            )
+        rows.append(row)
     return rows
 
 
@@ -347,9 +451,9 @@ def render(rows, tools):
     head = ["figure", "unit"] + [t.label for t in tools] + ["ratio", "target"]
     body = []
     for r in rows:
-        target = "-" if r["target"] is None else f"<= {r['target']:.1f}x " + ("ok" if r["met"] else "MISSED")
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        body.append([r["label"], r["unit"]] + [_fmt(r["values"][t.key], r["unit"]) for t in tools] + [ratio, target])
+        body.append([r["label"], r["unit"]] + [_fmt(r["values"][t.key], r["unit"]) for t in tools] + [ratio])
+        body[-1].append(r["target_text"])
     widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
 
     def line(cells):
@@ -388,6 +492,10 @@ def compile_stamp(workdir):
     return out
 
 
+def load():
+    return os.getloadavg()[0]
+
+
 # -- main --------------------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -412,7 +520,7 @@ def parse_args(argv):
         action="store_false",
         help="keep PYTHONDONTWRITEBYTECODE if set (by default the bench gives Python a .pyc cache, as an install has)",
     )
-    p.add_argument("--only", help="comma-separated subset: handoff,burst,uncontended,rss,signal,failover")
+    p.add_argument("--only", help=f"comma-separated subset: {','.join(PHASES)}")
     p.add_argument("--json", metavar="FILE", help="also write every sample and the table to FILE")
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -422,6 +530,8 @@ def parse_args(argv):
     for k in defaults:
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1")
+    if args.only and not set(args.only.split(",")) <= set(PHASES):
+        p.error(f"--only takes a subset of {','.join(PHASES)}")
     return args
 
 
@@ -430,16 +540,20 @@ def run(args, out=sys.stdout):
     workdir = tempfile.mkdtemp(prefix="consul-locker-bench-")
     agent = Agent("bench", log_dir=workdir)
     bench, ok = None, False
+    loads = {"start": load()}
     try:
         stamp = compile_stamp(workdir)
         agent.start()
         bench = Bench(args, agent, workdir, stamp)
         tools = make_tools(args, agent.addr, consul)
+        python = locker_python(args)
+        floors = [Tool(key, label, lambda name, child, failover, c=code: [python, "-c", c], "")
+                  for key, (label, code) in FLOORS.items()]  # fmt: skip
         only = set(args.only.split(",")) if args.only else None
         results = {}
 
-        def want(metric):
-            return only is None or metric in only
+        def want(phase):
+            return (only is None or phase in only) and not (phase == "failover" and args.skip_failover)
 
         def record(metric, tool, value):
             results.setdefault(metric, {}).setdefault(tool.key, []).append(value)
@@ -447,63 +561,83 @@ def run(args, out=sys.stdout):
         def progress(text):
             print(text, file=sys.stderr, flush=True)
 
-        # Warm-up (not recorded): fills the .pyc cache and the page cache for every tool.
-        for t in tools:
-            for i in range(2):
+        # Warm-up (not recorded): fills the .pyc cache and the page cache for every tool and the floors.
+        for i in range(1 if args.quick else 2):
+            for t in tools:
                 bench.uncontended(t, 1000 + i)
-        # Rounds alternate between the tools, so a slow spell of the machine hits both alike.
-        if want("uncontended"):
-            progress(f"uncontended `true`: {args.rounds} rounds per tool")
-            for i in range(args.rounds):
-                for t in tools:
+            for f in floors:
+                bench.floor(f)
+
+        def phase(name, text, rounds, one_round):
+            if not want(name):
+                return
+            progress(f"{text} (load average {load():.2f})")
+            before = load()
+            for i in range(rounds):
+                one_round(i)
+            loads[name] = (before, load())
+
+        def uncontended_round(i):
+            for t in rotated(tools + floors, i):
+                if t in floors:
+                    wall, _ = bench.floor(t)
+                    results.setdefault(t.key, {}).setdefault("python", []).append(wall)
+                else:
                     wall, cpu = bench.uncontended(t, i)
                     record("uncontended_wall", t, wall)
                     record("uncontended_cpu", t, cpu)
-        if want("handoff"):
-            progress(f"handoff: {args.rounds} rounds per tool")
-            for i in range(args.rounds):
-                for t in tools:
-                    record("handoff", t, bench.handoff(t, i))
-        if want("burst"):
-            progress(f"burst: {args.burst} contenders, {args.burst_rounds} round(s) per tool")
-            for i in range(args.burst_rounds):
-                for t in tools:
-                    record("burst", t, bench.burst(t, i, args.burst))
-        if want("rss"):
-            progress(f"peak RSS: {args.rss_rounds} sample(s) per tool")
-            for i in range(args.rss_rounds):
-                for t in tools:
-                    record("rss", t, bench.peak_rss(t, i))
-        if want("signal"):
-            progress(f"signal latency: {args.signal_rounds} rounds per tool")
-            for i in range(args.signal_rounds):
-                for t in tools:
-                    record("signal", t, bench.signal_latency(t, i))
-        if want("failover") and not args.skip_failover:
-            progress(f"failover: {args.failover_rounds} round(s) per tool (tens of seconds each)")
-            for i in range(args.failover_rounds):
-                for t in tools:
-                    record("failover", t, bench.failover(t, i))
+
+        def each_tool(metric, measure):
+            def one_round(i):
+                for t in rotated(tools, i):
+                    record(metric, t, measure(t, i))
+
+            return one_round
+
+        phase("uncontended", f"uncontended `true` and floors: {args.rounds} rounds", args.rounds, uncontended_round)
+        phase("handoff", f"handoff: {args.rounds} rounds", args.rounds, each_tool("handoff", bench.handoff))
+        phase(
+            "burst",
+            f"burst: {args.burst} contenders, {args.burst_rounds} round(s)",
+            args.burst_rounds,
+            each_tool("burst", lambda t, i: bench.burst(t, i, args.burst)),
+        )
+        phase("rss", f"peak RSS: {args.rss_rounds} round(s)", args.rss_rounds, each_tool("rss", bench.peak_rss))
+        phase(
+            "signal", f"signal latency: {args.signal_rounds} rounds", args.signal_rounds,
+            each_tool("signal", bench.signal_latency),
+        )  # fmt: skip
+        phase(
+            "failover",
+            f"failover: {args.failover_rounds} round(s) (tens of seconds each)",
+            args.failover_rounds,
+            each_tool("failover", bench.failover),
+        )
+        loads["end"] = load()
 
         rows = summarize(results, tools, args)
         info = machine_info(consul)
         table = render(rows, tools)
+        counts = {
+            "uncontended": f"uncontended and floors {args.rounds}",
+            "handoff": f"handoff {args.rounds}",
+            "burst": f"burst {args.burst_rounds} x {args.burst} contenders",
+            "rss": f"RSS {args.rss_rounds}",
+            "signal": f"signal {args.signal_rounds}",
+            "failover": f"failover {args.failover_rounds}",
+        }
         notes = [
             f"machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}, Python {info['python']}, "
             f"{info['consul']} (dev agent on loopback; `consul lock` is the same binary)",
-            "rounds per tool: "
-            + ", ".join(
-                text
-                for metric, text in (
-                    ("uncontended_wall", f"uncontended {args.rounds}"),
-                    ("handoff", f"handoff {args.rounds}"),
-                    ("burst", f"burst {args.burst_rounds} x {args.burst} contenders"),
-                    ("rss", f"RSS {args.rss_rounds}"),
-                    ("signal", f"signal {args.signal_rounds}"),
-                    ("failover", f"failover {args.failover_rounds}"),
-                )
-                if metric in results
+            "rounds (each tool once per round, the order rotating from round to round; figures are medians): "
+            + ", ".join(text for name, text in counts.items() if name in loads),
+            "load average (1 min) at start {:.2f}, at end {:.2f}; by phase: {}".format(
+                loads["start"],
+                loads["end"],
+                ", ".join(f"{name} {loads[name][0]:.1f}->{loads[name][1]:.1f}" for name in PHASES if name in loads)
+                or "-",
             ),
+            f"floors: {python}, same environment as consul-locker, in the uncontended rounds",
             "Python tools ran with "
             + (
                 "a .pyc cache (PYTHONPYCACHEPREFIX in the bench's directory), as an installed package has"
@@ -522,7 +656,9 @@ def run(args, out=sys.stdout):
                 "machine": info,
                 "config": {k: v for k, v in vars(args).items() if k != "json"},
                 "tools": {t.key: {"label": t.label, "example": t.command("NAME", ["true"])} for t in tools},
+                "floors": {f.key: f.command("", []) for f in floors},
                 "failover": {t.key: t.failover_note for t in tools} if "failover" in results else None,
+                "load": loads,
                 "samples": results,
                 "rows": rows,
                 "table": table,
