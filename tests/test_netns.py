@@ -2,8 +2,9 @@
 
 Three Consul servers and three client agents, each in its own network namespace (tests/lib/netns.py). On each client
 node consul-locker runs in a loop against its local agent, twice: a lock and a `--limit 2` semaphore. Every child
-enters a fenced resource (tests/lib/fenced.py) with its CONSUL_LOCK_INDEX, writes for a random 0.1-1 s, exits. A
-nemesis makes the failures of machines, one at a time, on a bounded schedule:
+enters a fenced resource (tests/lib/fenced.py) with its CONSUL_LOCK_INDEX, writes for a random 0.1-1 s, exits. The
+resource sits on a data network that faults leave alone: a node cut off from Consul can still write, which is the
+case a lock exists for. A nemesis makes the failures of machines, one at a time, on a bounded schedule:
 
     cut>ttl        the lock holder's node loses the Consul network for longer than the TTL
     cut<ttl        ... for less than the TTL
@@ -13,16 +14,23 @@ nemesis makes the failures of machines, one at a time, on a bounded schedule:
     holder-pause   a holding consul-locker and its child are SIGSTOPped together until someone else holds (a paused
                    machine): resumed, the child writes, and only the fencing token can stop that write
 
+Before each fault the next lock holder (and a semaphore holder on the same node) is given a task longer than any
+fault, so the fault always catches a child inside: past the TTL only consul-locker's own fence ends it in time.
+
 The checker (lib.fenced.check) reads the resource's history: accepted critical sections never overlap beyond the
 limit, no stale token is accepted, one token per grant; and here: every consul-locker exit code is one the contract
-allows, some section is accepted within PROGRESS_BOUND after each healed fault, no session and no contender key is
-left at the end. One summary line (pytest -s prints it; the run's log in the test's tmp_path has it too).
+allows (dying of a signal is not an exit code), a holder cut off or frozen past the TTL never finishes its task,
+some section is accepted within PROGRESS_BOUND after each healed fault, no session and no contender key is left at
+the end. One summary line and one line per fault (pytest -s prints them; netns.log in the test's tmp_path has them,
+next to the resource histories and every consul-locker run's -v output, stamped with the histories' clock).
 
-Sizes: the CI size runs each fault once (about 3 minutes). CONSUL_LOCKER_NETNS_LONG=1 runs LONG_ROUNDS rounds in a
-shuffled order (seed printed; CONSUL_LOCKER_NETNS_SEED replays one); docs/netns-results.md has its latest figures.
+Sizes: the CI size runs each fault once (under 3 minutes). CONSUL_LOCKER_NETNS_LONG=1 runs LONG_ROUNDS rounds in a
+shuffled order with random fault lengths (seed printed; CONSUL_LOCKER_NETNS_SEED replays one);
+docs/netns-results.md has its latest figures.
 """
 
 import collections
+import json
 import os
 import random
 import shutil
@@ -45,7 +53,7 @@ from lib.netns import NS_PREFIX, Cluster, Net, sweep_stale, unavailable_reason
 TTL = 10.0  # Consul's smallest session TTL
 LOCK_DELAY = 5.0
 KILL_TIMEOUT = 2.0  # < LOCK_DELAY, as the contract requires for its timing guarantee
-TIMING = ["--ttl", "10s", "--lock-delay", "5s", "--kill-timeout", "2s"]
+TIMING = ["--ttl", f"{TTL:g}s", "--lock-delay", f"{LOCK_DELAY:g}s", "--kill-timeout", f"{KILL_TIMEOUT:g}s"]
 # Consul expires a silent session 2 x TTL after the last renewal it received, then refuses the key for lock-delay;
 # a waiter notices within a blocking query's answer. Past that, a healed cluster must have given the lock out again.
 PROGRESS_BOUND = 2 * TTL + LOCK_DELAY + 10.0
@@ -569,9 +577,8 @@ def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
     codes = collections.Counter(r[4] for r in runs)
     for role, name, n, pid, code, _, t1, _ in runs:
         if code not in ALLOWED_CODES:
-            problems.append(
-                f"{role} {name} run {n} (pid {pid}) exited {code} at +{t1 - t_begin:.0f} s: see {role}-{name}.log"
-            )
+            how = f"was killed by signal {-code} (no exit code)" if code < 0 else f"exited {code}"
+            problems.append(f"{role} {name} run {n} (pid {pid}) {how} at +{t1 - t_begin:.0f} s: see {role}-{name}.log")
     if left:
         problems.append(f"left in Consul after {2 * TTL + 10:.0f} s: {left}")
 
@@ -596,6 +603,13 @@ def test_node_faults_never_let_two_holders_write(cluster, tmp_path):
     for line in lines:
         log(line)
     log(summary)
+    # The same, for tables (docs/netns-results.md is written from it).
+    with open(tmp_path / "netns-results.json", "w") as f:
+        record = {"summary": summary, "seed": seed, "long": LONG, "shim": SRC, "problems": problems}
+        record["faults"] = [
+            dict(x, start=x["start"] - t_begin, heal=(x["heal"] or x["start"]) - t_begin) for x in nemesis.faults
+        ]
+        json.dump(record, f, indent=1)
     for p in problems:
         log("PROBLEM: " + p)
     log_file.close()
@@ -646,7 +660,14 @@ def test_checker_judges_a_paused_holder_by_what_the_fence_let_through():
     assert (v.refused, v.refused_paused, v.sections) == (1, 1, 2)
     assert v.longest_gap == pytest.approx(28.9)
     # The same history without a pause is a consul-locker that let its child live on beside the next holder.
-    assert fenced.check(events, 1).violations
+    found = " | ".join(what for what, _ in fenced.check(events, 1).violations)
+    assert "2 sections inside at 30.000" in found
+    assert "c1/1/2 (not paused) sent WRITE with stale token 10: refused" in found
+    # A child started on a stale grant is refused at once: never inside, and still the lock's failure.
+    late = _events("1.0 2 ENTER 20 c2/3/4 OK 1", "2.0 1 ENTER 10 c1/1/2 REFUSED 1", "2.0 1 CLOSE 10 c1/1/2 - 1")
+    assert [what for what, _ in fenced.check(late, 1).violations] == [
+        "c1/1/2 (not paused) sent ENTER with stale token 10: refused"
+    ]
     # Frozen right after its ENTER: the section ends where it began, and still counts as no overlap.
     frozen_at_once = [e for e in events if e.line.split()[2] != "WRITE" or e.conn != 1 or e.verdict != "OK"]
     assert fenced.check(frozen_at_once, 1, paused={"c1/1/2"}).violations == []

@@ -347,6 +347,11 @@ def check(events, limit, paused=(), horizon=None):
         v.refused += len(s.refused)
         if s.id in paused:
             v.refused_paused += len(s.refused)
+        elif s.refused:
+            # The fence saved the resource, but the lock did not: this child acted after a newer holder got in,
+            # and nothing had paused it (an ENTER refused this way is not even an accepted section).
+            e = s.refused[0]
+            v.violations.append((f"{s.id} (not paused) sent {e.kind} with stale token {e.token}: refused", e.t))
     bad = [e for e in events if e.verdict == "ERR"]
     if bad:
         v.violations.append((f"{len(bad)} requests broke the protocol", bad[0].t))
