@@ -546,3 +546,71 @@ def test_429_while_waiting_is_retried(consul, proxy, run, hold_lock, name, tmp_p
     assert marker.exists()
     assert hits[:2] == [2, 3]
     assert_no_session(consul, name)
+
+
+@pytest.mark.timeout(60)
+def test_a_sigtstp_storm_at_the_childs_start_never_blocks_the_supervisor(consul, name):
+    # SIGTSTP to consul-locker's process group (Ctrl-Z at a terminal; here a storm of them) while the child is
+    # being started: one may be pending in the child between fork and exec. The supervisor must stay responsive:
+    # a SIGTERM afterwards ends the run within kill-timeout, whatever stopped the child.
+    marker = f"{300 + time.monotonic() % 1:.6f}"  # tells this run's `sleep` apart
+    # A group of its own, whose leader's parent (pytest) is in another group of the same session: not orphaned,
+    # so SIGTSTP's stop is not discarded by the kernel.
+    p = subprocess.Popen(
+        LOCKER + ["--kill-timeout", "1s", "--lock-delay", "0s", name, "sleep", marker],
+        env=locker_env(consul),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
+    try:
+        # Past the interpreter's start-up (where SIGTSTP's default action would stop consul-locker itself).
+        wait_until(lambda: sessions_named(consul, name) or p.poll() is not None, 20, 0.005, message="the session")
+        t_child, sent = None, 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and p.poll() is None:
+            os.killpg(p.pid, signal.SIGTSTP)
+            sent += 1
+            if t_child is None and _children_of(p.pid):
+                t_child = time.monotonic()
+            if t_child is not None and time.monotonic() > t_child + 0.2:
+                break
+        assert t_child is not None, f"no child appeared; consul-locker exit {p.poll()}"
+        t0 = time.monotonic()
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            _, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"consul-locker did not end within 10 s of SIGTERM after {sent} SIGTSTPs: its supervisor is "
+                f"blocked (child state: {_states(p.pid)})"
+            ) from None
+        print(f"\n{sent} SIGTSTPs; SIGTERM -> exit {p.returncode} after {time.monotonic() - t0:.2f} s")
+        assert p.returncode in (128 + signal.SIGTERM, 128 + signal.SIGKILL), err
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        for s in sessions_named(consul, name):
+            consul.api("PUT", f"/v1/session/destroy/{s['ID']}")
+
+
+def _children_of(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _states(pid):
+    out = {}
+    for c in _children_of(pid):
+        try:
+            with open(f"/proc/{c}/stat") as f:
+                comm, rest = f.read().rsplit(")", 1)
+            out[c] = (comm.split("(", 1)[1], rest.split()[0])
+        except OSError:
+            pass
+    return out

@@ -577,13 +577,11 @@ class DeathWatch:
             self._fds.clear()
 
     def _run(self):
-        from lib import cs_child
-
+        offsets = {}  # log -> how far it has been read (logs only grow)
         while not self._stop.is_set():
             for path in list(self._logs):
-                for pid, section in cs_child.read(path).items():
-                    if section.start is not None:
-                        self.watch(pid)
+                for pid in self._new_starts(path, offsets):
+                    self.watch(pid)
             with self._lock:
                 fds = dict(self._fds)
             poller = select.poll()
@@ -598,3 +596,16 @@ class DeathWatch:
                     if fd in ready and pid in self._fds:
                         self.deaths[pid] = now
                         os.close(self._fds.pop(pid))
+
+    @staticmethod
+    def _new_starts(path, offsets):
+        """PIDs of the "S <ns> <pid>" lines (cs_child.py) appended to PATH since the last call."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offsets.get(path, 0))
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        offsets[path] = offsets.get(path, 0) + len(complete)
+        return [int(line.split()[2]) for line in complete.splitlines() if line.startswith(b"S ")]
