@@ -44,6 +44,8 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests.utils import requote_uri
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
@@ -481,7 +483,7 @@ class Client:
         else:
             host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
             self.address = f"{endpoint.scheme}://{host}:{endpoint.port}{endpoint.prefix}"
-            self._base = self.address
+            self._base = requote_uri(self.address)  # as requests would send the prefix
         self._proxies = {endpoint.scheme: proxy} if proxy else {}
         if proxy and verbose:
             self._log(f"using proxy {_redact_url(proxy)} for Consul at {self.address}")
@@ -548,8 +550,10 @@ class Client:
             self._log(self._redact(f"-> {method} {target}{shown}"))
         prepared = requests.PreparedRequest()
         prepared.prepare_method(method)
-        prepared.prepare_url(self._base + target, None)
-        prepared.prepare_headers(self._headers)
+        # The base URL and the header values were checked once, in __init__, and `target` is encoded already:
+        # requests' prepare_url and prepare_headers would parse, re-quote and re-check them on every call.
+        prepared.url = self._base + target
+        prepared.headers = CaseInsensitiveDict(self._headers)
         prepared.prepare_body(data, None)
         adapter = self._adapter()
         try:
@@ -729,15 +733,9 @@ class Client:
             raise self._denied("PUT", "/v1/txn", ops, denied[0]["What"])
         return False, errors
 
-    def kv_op(self, verb, key, value=b"", flags=0, session=None, index=None, timeout=DEFAULT_REQUEST_TIMEOUT):
-        """One KV operation as a transaction: returns (entry, None) on success, (None, error text) otherwise."""
-        op = {"Verb": verb, "Key": key, "Flags": flags}
-        if verb in ("set", "cas", "lock", "unlock"):
-            op["Value"] = base64.b64encode(value).decode()
-        if session is not None:
-            op["Session"] = session
-        if index is not None:
-            op["Index"] = index
+    def txn_op(self, op, timeout=DEFAULT_REQUEST_TIMEOUT):
+        """One KV operation (a txn "KV" object, Value already base64) as a transaction: (entry, None) when done,
+        (None, Consul's reasons) when refused."""
         ok, out = self.txn([{"KV": op}], timeout=timeout)
         if ok:
             return (out[0].get("KV") if out else None) or {}, None
