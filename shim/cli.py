@@ -251,7 +251,10 @@ def status(args):
     else:
         print(f"{report['key']}: {'held' if report['held'] else 'free'} (limit {report['limit']})")
         for h in report["holders"]:
-            print(f"  holder: session {h['session']} on node {h['node']} ({h['name']})")
+            if h["node"] is None:
+                print(f"  holder: session {h['session']} (its details cannot be read with this token)")
+            else:
+                print(f"  holder: session {h['session']} on node {h['node']} ({h['name']})")
         if report["index"] is not None:
             print(f"  fencing index: {report['index']}")
         if report["done"] is not None:

@@ -19,10 +19,6 @@ NOT_EXECUTABLE = 126
 NOT_FOUND = 127
 SIGNAL_BASE = 128  # 128+N: the child was killed by signal N, or signal N ended the wait for the lock
 
-# Codes that are consul-locker's own verdicts: `-e/--success-exit-code` never turns one of them into 0.
-OWN_CODES = frozenset({CONFLICT, USAGE, UNAVAILABLE, OS_ERROR, LOCK_LOST, KEY_CONFLICT, PERMISSION, TIMED_OUT,
-                       NOT_EXECUTABLE, NOT_FOUND, INTERNAL})  # fmt: skip
-
 
 class ShimError(Exception):
     """A failure of consul-locker itself, reported as one line on stderr with a documented exit code."""

@@ -441,20 +441,13 @@ class Locker:
             settled.set()
         op = self.protocol.contender_op(sid)
         if op is not None:
-            _, err = self._call(self._txn_op, op, give_up_after=self.opts.unreachable_for)
+            _, err = self._call(self.client.txn_op, op, give_up_after=self.opts.unreachable_for)
             if err:
                 raise ConsulError(f"cannot create contender key {op['Key']}: {err}")
         if self._renewer is None:
             self._renewer = threading.Thread(target=self._renew_loop, name="consul-locker-renew", daemon=True)
             self._renewer.start()
         return sid
-
-    def _txn_op(self, op, timeout=consul.DEFAULT_REQUEST_TIMEOUT):
-        """One KV operation as a transaction: (entry, None) when done, (None, Consul's reasons) when refused."""
-        ok, out = self.client.txn([{"KV": op}], timeout=timeout)
-        if ok:
-            return (out[0].get("KV") if out else None) or {}, None
-        return None, "; ".join(str(e.get("What", e)) for e in out) or "transaction refused"
 
     def _renew_once(self, sid, timeout):
         """One renewal of sid. Returns True (confirmed), False (the session is gone); raises ConsulError."""
@@ -608,7 +601,7 @@ class Locker:
         if op["Verb"] == "lock":
             op = dict(op, Session=sid)
         try:
-            entry, err = self._txn_op(op)
+            entry, err = self.client.txn_op(op)
         except ConsulError as e:
             if not e.transient:
                 raise
@@ -729,7 +722,7 @@ class Locker:
             op = self.protocol.release_op(entries, sid)
             if op is None:
                 return
-            entry, _ = self._call(self._txn_op, op, deadline=deadline, interruptible=False)
+            entry, _ = self._call(self.client.txn_op, op, deadline=deadline, interruptible=False)
             if entry is not None or time.monotonic() >= deadline:
                 return
 
@@ -776,9 +769,9 @@ def describe_holder(client, sid):
     if not info:
         return f"session {sid} (gone)"
     name, node = info.get("Name") or "", info.get("Node") or "?"
-    words = name.split()
-    if len(words) >= 6 and words[0] == "consul-locker" and words[2] == "on" and words[4] == "pid":
-        return f"{words[3]} pid {words[5]} (session {sid})"
+    words = name.split()  # "consul-locker PREFIX on HOST pid PID NONCE"; PREFIX may hold spaces
+    if len(words) >= 7 and words[0] == "consul-locker" and words[-5] == "on" and words[-3] == "pid":
+        return f"{words[-4]} pid {words[-2]} (session {sid})"
     return f"node {node} ({name or 'unnamed session'}, session {sid})"
 
 

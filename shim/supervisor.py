@@ -463,8 +463,9 @@ class AlreadyDone:
 
 
 def marker_matches(marker, token):
-    """A marker counts for a run with the same --once-token (no token matches a marker without one)."""
-    return marker is not None and marker.get("token") == token
+    """Whether a --once marker means "done" for this run: any marker for a plain --once; with --once-token, only
+    a marker that recorded the same token (a new application version runs again)."""
+    return marker is not None and (token is None or marker.get("token") == token)
 
 
 class _Worker(threading.Thread):
@@ -541,14 +542,16 @@ class Supervisor:
             if worker.result is not None:
                 return self._not_started(worker.result, locker)
             info = self.signals.wait()
-            if info is not None and info.si_signo in STOPPING:
-                if self.child.discard():
-                    log.say(f"signal {info.si_signo} while waiting for the lock: not running the command")
-                    return SIGNAL_BASE + info.si_signo
-                # Granted and started meanwhile: the signal is the child's now.
-                self.child.signal(info.si_signo)
-                self.pending_term = info.si_signo == ESCALATED
-            elif info is not None:
+            if info is None:
+                pass
+            elif info.si_signo in STOPPING and self.child.discard():
+                log.say(f"signal {info.si_signo} while waiting for the lock: not running the command")
+                return SIGNAL_BASE + info.si_signo
+            elif self.child.started:  # granted and started meanwhile: the signal is the child's now
+                if _forwardable(info, self.child.pgid()):
+                    self.child.signal(info.si_signo)
+                    self.pending_term = self.pending_term or info.si_signo == ESCALATED
+            else:
                 log.debug(f"signal {info.si_signo} while waiting for the lock: no child to forward it to")
             status = reap_all(self.child.pid)  # as PID 1 we may adopt orphans even before the child exists
             if status is not None and self.child.started:
@@ -702,11 +705,14 @@ class Supervisor:
                         os.kill(-1, sig)
                     except ProcessLookupError:
                         pass
-            elif blind and killing:
+            elif blind:
+                # Leftovers we cannot list cannot be signalled either; the lock is still released only once
+                # they have exited by themselves (waitid says so), never under a live tree.
                 if child is not None:
-                    child.signal(signal.SIGKILL)
-                log.say("warning: descendants may be left running: they cannot be found without our own /proc")
-                return status
+                    child.signal(signal.SIGKILL if killing else signal.SIGTERM)
+                if "warned" not in termed:
+                    termed.add("warned")
+                    log.say("warning: waiting for descendants that cannot be found without our own /proc to exit")
             else:
                 if child is not None and ("child" not in termed or killing):
                     for sig in (signal.SIGKILL,) if killing else (signal.SIGTERM, signal.SIGCONT):

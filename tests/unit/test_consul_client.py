@@ -359,13 +359,13 @@ def test_a_txn_refused_for_permission_is_permission_denied(server):
     errors = {"Errors": [{"OpIndex": 0, "What": "Permission denied"}], "Results": None}
     server.routes[("PUT", "/v1/txn")] = answer(409, errors)
     with pytest.raises(consul.PermissionDenied) as e:
-        client_for(server, token="t0k").kv_op("lock", "consul-locker/x/.lock", b"", 3, "s")
+        client_for(server, token="t0k").txn_op({"Verb": "lock", "Key": "consul-locker/x/.lock", "Session": "s"})
     assert 'key_prefix "consul-locker/x/"' in str(e.value)
 
 
 def test_a_txn_refused_otherwise_is_an_error_text(server):
     server.routes[("PUT", "/v1/txn")] = answer(409, {"Errors": [{"OpIndex": 0, "What": "index is stale"}]})
-    assert client_for(server).kv_op("cas", "k", b"v", index=3) == (None, "index is stale")
+    assert client_for(server).txn_op({"Verb": "cas", "Key": "k", "Index": 3}) == (None, "index is stale")
 
 
 def test_malformed_json_in_a_200_is_a_bad_answer(server):

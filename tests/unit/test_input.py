@@ -87,11 +87,12 @@ def test_wait_statuses_map_as_a_shell_reports_them():
     assert exit_code(signal.SIGTERM) == 128 + signal.SIGTERM
 
 
-def test_a_once_marker_counts_only_for_the_same_token():
+def test_a_once_marker_counts_for_a_plain_once_and_for_the_same_token():
     assert marker_matches({"token": None}, None)
     assert marker_matches({"token": "v1"}, "v1")
     assert not marker_matches({"token": "v1"}, "v2")
     assert not marker_matches({"token": None}, "v1")
+    assert marker_matches({"token": "v1"}, None)  # a plain --once: the marker exists, so it is done
     assert not marker_matches(None, None)
 
 
