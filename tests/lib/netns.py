@@ -423,6 +423,28 @@ class Cluster:
             seen.add(leader.role)
         return self.agent(seen.pop()) if len(seen) == 1 else None
 
+    def health(self):
+        """What still keeps the cluster from being whole, or "" when it is: one leader that every server names,
+        every server a Raft voter (autopilot re-adds a server that was gone as a non-voter, and promotes it only
+        once it has been stable a while: until then, losing one more server loses the quorum), every agent
+        alive in the gossip pool and every client agent able to reach a server."""
+        leader = self.agreed_leader()
+        if leader is None:
+            return "no agreed leader"
+        config = self.try_api(leader, "GET", "/v1/operator/raft/configuration") or {}
+        voters = [s["Node"] for s in config.get("Servers", []) if s.get("Voter")]
+        if len(voters) != len(self.servers):
+            return f"raft voters {sorted(voters)}"
+        members = self.try_api(leader, "GET", "/v1/agent/members") or []
+        alive = {m["Name"] for m in members if m.get("Status") == 1}
+        missing = sorted(a.role for a in self.agents if a.role not in alive)
+        if missing:
+            return f"not alive in the gossip pool: {missing}"
+        for a in self.clients:
+            if not self.try_api(a, "GET", "/v1/status/leader", timeout=2.0):
+                return f"{a.role} reaches no server"
+        return ""
+
     def close(self):
         for a in self.agents:
             if a.proc is not None:
