@@ -325,11 +325,33 @@ def _is_ip_literal(host):
         return False
 
 
-class _HTTPConnection(_BoundedResolution, HTTPConnection):
+class _OneWrite:
+    """For urllib3's connection classes: a request's head and its body go out in one write. urllib3 writes them
+    with two send() calls; Consul can do nothing before the body is in, and a thread that loses the CPU (or the
+    GIL) between the two writes holds the request up, the grant on the hand-off's path included."""
+
+    _body = b""
+
+    def request(self, method, url, body=None, headers=None, **kwargs):
+        # requests has set Content-Length: with body=None urllib3 adds no framing of its own.
+        if isinstance(body, bytes) and headers is not None and "Content-Length" in headers:
+            self._body, body = body, None
+        try:
+            super().request(method, url, body, headers, **kwargs)
+        finally:
+            self._body = b""
+
+    def send(self, data):
+        # Taken before sending: a send() made while connecting (a proxy's CONNECT) goes out alone.
+        body, self._body = self._body, b""
+        super().send(data + body if body else data)
+
+
+class _HTTPConnection(_OneWrite, _BoundedResolution, HTTPConnection):
     pass
 
 
-class _HTTPSConnection(_BoundedResolution, HTTPSConnection):
+class _HTTPSConnection(_OneWrite, _BoundedResolution, HTTPSConnection):
     pass
 
 
