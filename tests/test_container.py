@@ -11,7 +11,9 @@ each replica a pod of its own from the same manifest, the agent's address as a l
 stand-in for the application's programs at the paths the manifests name, which logs what it does and when.
 """
 
+import base64
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,14 +23,14 @@ import pytest
 from lib import podman as lib_podman
 from lib.consul_agent import ROOT, consul_binary, wait_until
 from lib.locker import assert_no_session, lock_key, sessions_named
-from lib.podman import containers, lock_prefix, locked_command, pod_spec, workload
+from lib.podman import containers, lock_prefix, locked_command, once_token, pod_spec, workload
 
 pytestmark = pytest.mark.slow
 
 LOCK_LOST = 75  # contract: the lock was lost while the child ran
 USER = "10001"  # the Dockerfile's USER
 KUBE = os.path.join(ROOT, "examples", "kubernetes")
-MIGRATE, SINGLETON = "migrate-initcontainer.yaml", "singleton-deployment.yaml"
+MIGRATE, MIGRATE_JOB, SINGLETON = "migrate-initcontainer.yaml", "migrate-job.yaml", "singleton-deployment.yaml"
 MONGODB = os.path.join(ROOT, "examples", "mongodb")
 # A child that says it is ready, then idles until a signal; sleeping in the background keeps the shell's traps live.
 IDLE = "echo ready; while :; do sleep 60 & wait $!; done"
@@ -48,7 +50,7 @@ def _no_leftovers(request):
     """Every container and pod of a test is gone after it, passed or failed."""
     yield
     if "podman" in request.fixturenames:
-        request.getfixturevalue("podman").cleanup()
+        request.getfixturevalue("podman").cleanup(background=True)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +323,7 @@ def test_mongodb_example_image_builds_from_the_project_image_and_its_entry_point
 @pytest.fixture(scope="module")
 def app_image(podman, image):
     """The project's image plus the stand-in for the manifests' programs."""
-    manifests = [os.path.join(KUBE, m) for m in (MIGRATE, SINGLETON)]
+    manifests = [os.path.join(KUBE, m) for m in (MIGRATE, MIGRATE_JOB, SINGLETON)]
     return lib_podman.build_stand_in(podman, image, manifests, tag="localhost/consul-locker-stand-in:test")
 
 
@@ -367,7 +369,6 @@ class Pods:
 def test_kube_migration_initcontainer_runs_under_the_lock_before_the_app(podman, consul, app_image, shared, tmp_path):
     pods = Pods(podman, consul, MIGRATE, app_image, shared, tmp_path)
     (_, init), *_ = [(m, c) for m, c in containers(pods.doc) if m == "job"]
-    prefix = lock_prefix(locked_command(init)[0])
     # two replicas start together; `kube play` returns once the pod's init containers have finished
     files = [pods.render(), pods.render()]
     plays = [podman.popen("kube", "play", f) for f in files]
@@ -382,19 +383,47 @@ def test_kube_migration_initcontainer_runs_under_the_lock_before_the_app(podman,
     events = pods.events()
     jobs = [e for e in events if e[4]["held"] == "true"]
     services = [e for e in events if e[4]["held"] != "true"]
-    assert jobs, f"no migration ran\n{pods.diagnose()}"
-    # every migration ran under the lock, one at a time, each with a newer fencing token
-    assert all(e[4]["key"] == f"{prefix}/.lock" for e in jobs), jobs
-    assert [e[1] for e in jobs] == ["START", "END"] * (len(jobs) // 2), f"migrations overlap:\n{pods.diagnose()}"
-    indexes = [int(e[4]["index"]) for e in jobs if e[1] == "START" and e[4]["index"]]
-    assert indexes == sorted(set(indexes)), indexes
+    check_migrations(consul, locked_command(init)[0], jobs, pods)
     # the apps started only after the migration, each after its own pod's init container
     first_end = next(e[0] for e in jobs if e[1] == "END")
     assert {e[2] for e in services if e[1] == "START"} == set(names), f"{names}\n{pods.diagnose()}"
     for t, _, host, _, _ in (e for e in services if e[1] == "START"):
         own = [e[0] for e in jobs if e[2] == host and e[1] == "END"]
         assert t >= max(own + [first_end]), f"{host} served before its migration ended\n{pods.diagnose()}"
+
+
+def check_migrations(consul, locker_argv, jobs, pods):
+    """Migrations ran under the lock, one at a time, each with a newer fencing token; with --once(-token), once."""
+    prefix = lock_prefix(locker_argv)
+    assert jobs, f"no migration ran\n{pods.diagnose()}"
+    assert all(e[4]["key"] == f"{prefix}/.lock" for e in jobs), jobs
+    assert [e[1] for e in jobs] == ["START", "END"] * (len(jobs) // 2), f"migrations overlap:\n{pods.diagnose()}"
+    indexes = [int(e[4]["index"]) for e in jobs if e[1] == "START" and e[4]["index"]]
+    assert indexes == sorted(set(indexes)), indexes
+    token = once_token(locker_argv)
+    if token is not None:
+        assert len(jobs) == 2, f"--once: one migration for all pods\n{pods.diagnose()}"
+        entry = consul.kv(f"{prefix}/.done")
+        assert entry, "no --once marker"
+        if token is not True:
+            assert json.loads(base64.b64decode(entry["Value"]))["token"] == token
     assert_no_session(consul, prefix)
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_kube_migration_job_runs_under_the_lock_and_a_rerun_of_the_job_too(podman, consul, app_image, shared, tmp_path):
+    """The Job variant, as the pods its controller makes: a first try and a retry (or a re-applied Job) at once."""
+    pods = Pods(podman, consul, MIGRATE_JOB, app_image, shared, tmp_path)
+    ((_, job),) = containers(pods.doc)
+    # the first migration of this version must not be skipped because an earlier test wrote a marker
+    consul.api("DELETE", f"/v1/kv/{lock_prefix(locked_command(job)[0])}/.done")
+    plays = [podman.popen("kube", "play", pods.render()) for _ in range(2)]
+    outs = [p.communicate(timeout=90) for p in plays]
+    assert all(p.returncode == 0 for p in plays), f"{outs}\n{pods.diagnose()}"
+    for out, _ in outs:
+        pod = pods.pod_name(out)
+        assert podman.wait(f"{pod}-{job['name']}", timeout=90) == 0, pods.diagnose()
+    check_migrations(consul, locked_command(job)[0], pods.events(), pods)
 
 
 @pytest.mark.timeout(180, func_only=True)

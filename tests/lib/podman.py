@@ -57,6 +57,7 @@ class Podman:
         self.prefix = "cltest-" + secrets.token_hex(3)
         self.env = dict(os.environ, CONTAINERS_CONF=CONTAINERS_CONF)
         self._count = 0
+        self._pending, self._removing = [], set()
 
     def name(self, role):
         """A name for a container or pod of this run: PREFIX-ROLE-N."""
@@ -114,18 +115,36 @@ class Podman:
         r = self("logs", container, check=False)
         return r.stdout + r.stderr
 
-    def cleanup(self):
-        """Remove every container, pod and volume of this run, whatever state it is in."""
-        for kind, remove in (("pod", ["pod", "rm", "-f", "-t", "0"]), ("container", ["rm", "-f", "-t", "0"])):
-            listing = ["pod", "ps", "-q"] if kind == "pod" else ["ps", "-a", "-q"]
-            ids = self(*listing, "--filter", f"name=^{self.prefix}-", check=False).stdout.split()
-            if ids:
-                self(*remove, *ids, check=False, timeout=120)
-        vols = self("volume", "ls", "-q", "--filter", f"name=^{self.prefix}-", check=False).stdout.split()
+    def cleanup(self, background=False):
+        """Remove every container, pod and volume of this run, whatever state it is in.
+
+        background=True: pods, which podman 4.3 takes seconds each to remove, go while the next test runs;
+        close() waits for them and removes what is left."""
+        pattern = f"name=^{self.prefix}-"
+        pods = [p for p in self("pod", "ps", "-q", "--no-trunc", "--filter", pattern, check=False).stdout.split()
+                if p not in self._removing]  # fmt: skip
+        if pods and background:
+            self._removing.update(pods)
+            self._pending.append(self.popen("pod", "rm", "-f", "-t", "0", *pods, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))  # fmt: skip
+        elif pods:
+            self("pod", "rm", "-f", "-t", "0", *pods, check=False, timeout=120)
+        listing = self("ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Pod}}", "--filter", pattern, check=False)
+        alone = [line.split()[0] for line in listing.stdout.splitlines() if len(line.split()) == 1]
+        if alone:
+            self("rm", "-f", "-t", "0", *alone, check=False, timeout=120)
+        vols = self("volume", "ls", "-q", "--filter", pattern, check=False).stdout.split()
         if vols:
             self("volume", "rm", "-f", *vols, check=False)
 
-    close = cleanup
+    def close(self):
+        for p in self._pending:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self._removing.clear()
+        self.cleanup()
 
 
 def can_install():
@@ -182,22 +201,24 @@ ENV_DROPPED = re.compile(r"CONSUL_(HTTP_TOKEN|HTTP_TOKEN_FILE|HTTP_SSL.*|CACERT|
 
 
 def workload(path):
-    """The one Deployment (or Pod) of a manifest file; other kinds (a PodDisruptionBudget) mean nothing to podman."""
+    """The one Deployment, Job or Pod of a manifest file; other kinds (a PodDisruptionBudget) mean nothing to
+    podman."""
     with open(path) as f:
-        docs = [d for d in yaml.safe_load_all(f) if d and d.get("kind") in ("Deployment", "Pod")]
+        docs = [d for d in yaml.safe_load_all(f) if d and d.get("kind") in ("Deployment", "Job", "Pod")]
     if len(docs) != 1:
-        raise ValueError(f"{path}: expected one Deployment or Pod, found {len(docs)}")
+        raise ValueError(f"{path}: expected one Deployment, Job or Pod, found {len(docs)}")
     return docs[0]
 
 
 def pod_spec(doc):
-    return doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
+    return doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
 
 
 def containers(doc):
-    """[(mode, container)]: init containers are jobs, the others services."""
+    """[(mode, container)]: init containers and a Job's containers are jobs, the others services."""
     spec = pod_spec(doc)
-    return [("job", c) for c in spec.get("initContainers") or []] + [("service", c) for c in spec["containers"]]
+    main = "job" if doc["kind"] == "Job" else "service"
+    return [("job", c) for c in spec.get("initContainers") or []] + [(main, c) for c in spec["containers"]]
 
 
 def locked_command(container):
@@ -209,6 +230,16 @@ def locked_command(container):
         i = argv.index("--")
         return argv[:i], argv[i + 1 :]
     return None, argv
+
+
+def once_token(locker_argv):
+    """--once-token's value, True for --once, None without either."""
+    for i, arg in enumerate(locker_argv):
+        if arg == "--once-token":
+            return locker_argv[i + 1]
+        if arg.startswith("--once-token="):
+            return arg.split("=", 1)[1]
+    return True if "--once" in locker_argv else None
 
 
 def lock_prefix(locker_argv):
@@ -229,20 +260,30 @@ def program_paths(doc):
 def render(doc, name, image, consul_addr, events_dir):
     """One replica of the manifest's workload as podman 4.3 plays it on one host (docs/containers.md)."""
     doc = copy.deepcopy(doc)
+    modes = [mode for mode, _ in containers(doc)]
     doc["metadata"]["name"] = name
     if doc["kind"] == "Deployment":
         doc["spec"]["replicas"] = 1  # each replica is a pod of its own, played from the same manifest
+        # podman 4.3 restarts an init container that exited 0 when the pod restarts always: the job would loop
+        pod_spec(doc)["restartPolicy"] = "OnFailure"
+    elif doc["kind"] == "Job":  # podman plays no Job: its pod, as the Job controller would make it
+        template = doc["spec"]["template"]
+        labels = (template.get("metadata") or {}).get("labels") or {}
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": template["spec"],
+        }
     spec = pod_spec(doc)
     # host networking: the agent listens on loopback, and status.hostIP means that loopback address here
     spec["hostNetwork"] = True
-    # podman 4.3 restarts an init container that exited 0 when the pod restarts always: the job would loop
-    spec["restartPolicy"] = "OnFailure"
     for field in POD_FIELDS_DROPPED:
         spec.pop(field, None)
     volumes = [v for v in spec.get("volumes") or [] if "emptyDir" in v]
     kept = {v["name"] for v in volumes}
     spec["volumes"] = volumes + [{"name": "stand-in", "hostPath": {"path": events_dir, "type": "Directory"}}]
-    for mode, c in containers(doc):
+    for mode, (_, c) in zip(modes, containers(doc)):
         c["image"] = image
         c["imagePullPolicy"] = "Never"
         for field in CONTAINER_FIELDS_DROPPED:
