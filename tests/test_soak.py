@@ -214,11 +214,13 @@ def test_no_two_holders_ever_overlap_under_random_sigkills_and_mixed_clients(con
 # more than the limit inside, no leftover alive, nothing left in Consul. On the code before the fixes
 # (SHIM_SRC=/work/snap-old) it FAILED: leftovers hopped on past the next holder's start (10 "inside" the lock).
 MIXED_SECTIONS = 300  # critical sections at least
-MIXED_FOR = 180.0  # hard bound of the contending phase, in seconds
+MIXED_FOR = 240.0  # hard bound of the contending phase, in seconds (on an idle machine it ends at MIXED_AT_LEAST)
 MIXED_AT_LEAST = 90.0  # and it lasts this long at least, for enough faults and kills
 MIXED_DRAIN = 30.0  # then: no new contenders, the ones left finish (or are stopped)
 MIXED_TTL = 10.0
-LOCK_DISRUPTIONS = 5  # faults or kills that hit the lock's holder, at most: each stops the lock for up to 2 x TTL
+# Faults or kills that hit a holder, at most: each stops the lock for up to 2 x TTL + lock-delay, a semaphore slot
+# for up to 2 x TTL + lock-delay too (15 s there); waiters are hit at will.
+HOLDER_DISRUPTIONS = {"lock": 5, "sem": 8}
 MIXED = {
     # kind: (limit, contenders, timing); kill-timeout < lock-delay on both
     "lock": (1, 4, ["--ttl", "10s", "--lock-delay", "3s", "--kill-timeout", "1s"]),
@@ -249,56 +251,70 @@ class MixedSoak:
         self.faults = []  # (what, kind, worker, seconds)
         self.kills = []  # (kind, holding?)
         self.busy = set()  # proxies with a fault on
-        self.lock_disruptions = 0  # faults and kills that hit the lock's holder
+        self.disruptions = {kind: 0 for kind in MIXED}  # faults and kills that hit a holder
+        self.long_running = False  # a long semaphore child is on its way or running
+        self.long = None  # (kind, worker, Popen) of the consul-locker running it
 
     def names(self, kind):
         return f"{self.name}-{kind}"
 
     def child(self, kind):
-        hold = f"{self.rng.uniform(0.01, 0.04):.3f}"
-        argv = [*CS_CHILD, self.logs[kind], hold, "--monotonic"]
-        leftover = self.rng.random() < 0.25
+        """(argv, has a leftover, is long) of a child. Most are short. One semaphore child at a time may be long
+        (longer than the TTL, mostly ignoring SIGTERM): the faults aimed at it get it fenced, and its slot then
+        frees only by Consul's expiry of the session, while the child may still live (items 1 and 2)."""
+        hold = self.rng.uniform(0.01, 0.04)
+        long = kind == "sem" and not self.long_running and self.rng.random() < 0.3
+        if long:
+            hold = self.rng.uniform(15, 25)
+            self.long_running = True
+        argv = [*CS_CHILD, self.logs[kind], f"{hold:.3f}", "--monotonic"]
+        leftover = not long and self.rng.random() < 0.25
         if kind == "lock" and leftover:
             argv += ["--hop", "2", "--hop-ignore-term"]  # killed after the 1 s kill-timeout
         elif leftover:
             argv += ["--hop", "20"]  # dies on SIGTERM
-        if kind == "sem" and self.rng.random() < 0.3:
+        if kind == "sem" and self.rng.random() < (0.8 if long else 0.3):
             argv.append("--ignore-term")  # lives until SIGKILL if its holder is fenced
-        return argv, leftover
+        return argv, leftover, long
 
     def worker(self, kind, i):
         _, _, timing = MIXED[kind]
         env = locker_env(self.consul, CONSUL_HTTP_ADDR=self.proxies[kind, i].addr)
         with open(self.tmp / f"{kind}{i}.err", "ab") as err:
             while not self.stop.is_set():
-                argv, leftover = self.child(kind)
+                with self.lock:
+                    argv, leftover, long = self.child(kind)
                 p = subprocess.Popen(
                     LOCKER + [*timing, self.names(kind), *argv], env=env, stdout=subprocess.DEVNULL, stderr=err
                 )
                 with self.lock:
                     self.running[p.pid] = (p, kind, leftover)
                     self.current[kind, i] = (p, leftover)
+                    if long:
+                        self.long = (kind, i, p)
                 code = p.wait()
                 with self.lock:
                     self.running.pop(p.pid, None)
                     self.codes.append((kind, code))
+                    if long:
+                        self.long, self.long_running = None, False
 
     def target(self, holder_bias, with_leftover=True):
-        """A contender (kind, worker, Popen): a holder (its consul-locker has a child) with probability holder_bias.
-        The lock's holder is hit at most LOCK_DISRUPTIONS times."""
+        """A contender (kind, worker, Popen): a holder (its consul-locker has a child) with probability holder_bias,
+        within HOLDER_DISRUPTIONS; else any."""
         with self.lock:
             now = [(k, i, p, lo) for (k, i), (p, lo) in self.current.items() if (k, i) not in self.busy]
         now = [(k, i, p) for k, i, p, lo in now if p.poll() is None and (with_leftover or not lo)]
         holders = [c for c in now if _children(c[2].pid)]
-        if self.lock_disruptions >= LOCK_DISRUPTIONS:
-            now = [c for c in now if c[0] != "lock" or c not in holders]
-            holders = [c for c in holders if c[0] != "lock"]
+        spent = {kind for kind, n in self.disruptions.items() if n >= HOLDER_DISRUPTIONS[kind]}
+        now = [c for c in now if c[0] not in spent or c not in holders]
+        holders = [c for c in holders if c[0] not in spent]
         pool = holders if holders and self.rng.random() < holder_bias else now
         if not pool:
             return None
         kind, i, p = self.rng.choice(pool)
-        if kind == "lock" and _children(p.pid):
-            self.lock_disruptions += 1
+        if _children(p.pid):
+            self.disruptions[kind] += 1
         return kind, i, p
 
     def faulter(self):
@@ -307,14 +323,20 @@ class MixedSoak:
             with self.lock:
                 if len(self.busy) >= 2:
                     continue
-            chosen = self.target(0.6)
+            with self.lock:
+                long = self.long if self.long and self.long[:2] not in self.busy else None
+            if long is not None and _children(long[2].pid) and self.rng.random() < 0.5:
+                self.disruptions["sem"] += 1
+                chosen, what = long, self.rng.choice(["long cut", "renewals fail"])  # fence the long child's holder
+            else:
+                chosen, what = self.target(0.6), self.rng.choice(["short cut", "long cut", "renewals fail"])
             if chosen is None:
                 continue
             kind, i, _ = chosen
             with self.lock:
                 self.busy.add((kind, i))
-            what = self.rng.choice(["short cut", "long cut", "renewals fail"])
-            seconds = self.rng.uniform(*{"short cut": (3, 7), "long cut": (11, 14), "renewals fail": (6, 14)}[what])
+            spans = {"short cut": (3, 7), "long cut": (11, 14), "renewals fail": (6, 14)}
+            seconds = self.rng.uniform(*((11, 14) if chosen is long else spans[what]))
             self.faults.append((what, kind, i, round(seconds, 1)))
             threading.Thread(target=self.fault, args=(what, kind, i, seconds), daemon=True).start()
 
@@ -337,7 +359,7 @@ class MixedSoak:
         """Now and then SIGKILL a consul-locker, holding or waiting; never one whose child leaves a leftover (only
         --pid-namespace can take those along: test_pidns.py)."""
         while not self.stop.wait(self.rng.uniform(5.0, 9.0)):
-            chosen = self.target(0.5, with_leftover=False)
+            chosen = self.target(0.3, with_leftover=False)
             if chosen is None:
                 continue
             kind, _, p = chosen
@@ -420,7 +442,7 @@ def _escaped(pgid):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(420)
 def test_mixed_soak_locks_and_semaphores_under_partitions_kills_and_leftovers(consul, name, tmp_path):
     from lib import cs_child
     from lib.consul_agent import wait_until
