@@ -292,11 +292,11 @@ SEM_FAST = ["--limit", "2", "--ttl", "10s", "--kill-timeout", "3s", "--lock-dela
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_semaphore_waiter_arriving_after_the_dead_holder_was_seen_waits_too(consul, run, deaths, name, tmp_path):
+def test_semaphore_waiter_arriving_after_the_dead_holder_was_seen_waits_too(consul, proxy, run, deaths, name, tmp_path):
     log, go = tmp_path / "cs", tmp_path / "go"
     holder = [*CS, log, "300", "--monotonic", "--env", "--ignore-term", "--until", go]
     deaths.sections(str(log))
-    a1 = run(*SEM_FAST, name, *holder)
+    a1 = run(*SEM_FAST, name, *holder, via=proxy)
     (first,) = started(log, 1, 20, [a1])
     a2 = run(*SEM_FAST, name, *holder)
     started(log, 2, 20, [a1, a2])
@@ -305,7 +305,11 @@ def test_semaphore_waiter_arriving_after_the_dead_holder_was_seen_waits_too(cons
     wait_until(lambda: len(sessions_named(consul, name)) == 3, 15, message="the first waiter's session")
     try:
         # A1's session is invalidated (not released): its contender key goes, its child (SIGTERM ignored) lives
-        # until A1's kill-timeout. B sees the holder gone (and may prune it and note when, e.g. in the JSON).
+        # until A1's kill-timeout. B sees the holder gone (and may prune it and note when, e.g. in the JSON). A1
+        # cannot write any more (as when it lost its session to a partition): its slot is not released by A1
+        # itself once its tree is gone, only the waiters' rule frees it.
+        proxy.rule("reset", "PUT", "/v1/txn")
+        proxy.rule("reset", "DELETE", "/v1/kv/")
         consul.api("PUT", f"/v1/session/destroy/{first.session}")
         t_gone = time.monotonic()
         # Give B time to see the holder gone and act on it (prune it, note when): it must not run its command yet.
