@@ -6,9 +6,9 @@ Debian's packages (scripts/install-podman.sh), and builds the top-level Dockerfi
 `--build-arg PYTHON_IMAGE=<that base>`. The image holds the shim of the build context: the repository root, or
 $CONSUL_LOCKER_BUILD_CONTEXT. Containers reach the test's Consul agent on loopback through `--network=host`.
 
-The Kubernetes manifests are played as podman can play them (see docs/containers.md, "Kubernetes under podman"):
-each replica a pod of its own from the same manifest, the agent's address as a literal, host networking, and a
-stand-in for the application's programs at the paths the manifests name, which logs what it does and when.
+The Kubernetes manifests are played as podman can play them (docs/containers.md, "The Kubernetes examples under
+podman"): each replica a pod of its own from the same manifest, the agent's address as a literal, host networking,
+and a stand-in for the application's programs at the paths the manifests name, which logs what it does and when.
 """
 
 import base64
@@ -47,7 +47,8 @@ def podman():
 
 @pytest.fixture(autouse=True)
 def _no_leftovers(request):
-    """Every container and pod of a test is gone after it, passed or failed."""
+    """Every container and pod of a test is removed after it, passed or failed (pods in the background: the
+    module's end waits for them)."""
     yield
     if "podman" in request.fixturenames:
         request.getfixturevalue("podman").cleanup(background=True)
