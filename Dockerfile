@@ -7,7 +7,7 @@
 # on PATH) and keep the ENTRYPOINT: `CMD ["my-job", "--", "/app/run"]`. See README, "Docker".
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
-# Build stage: a virtual environment with consul-locker and psutil (binary wheels: no compiler needed here either).
+# Build stage: a virtual environment with consul-locker, requests and psutil (binary wheels: no compiler needed).
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 RUN python -m venv --without-pip /opt/consul-locker
@@ -20,7 +20,7 @@ RUN pip --python /opt/consul-locker/bin/python install --no-cache-dir --disable-
 
 # Final stage: the same slim base (the venv's interpreter symlinks point into it), the venv, a non-root user.
 FROM ${PYTHON_IMAGE}
-ARG VERSION=0.1.0
+ARG VERSION=0.2.0
 LABEL org.opencontainers.image.title="consul-locker" \
       org.opencontainers.image.description="PID-1-safe entrypoint that runs a command on one machine at a time under a Consul lock" \
       org.opencontainers.image.version="${VERSION}" \

@@ -29,8 +29,9 @@ def format_go(seconds):
 
 
 def format_human(seconds):
-    """The largest whole unit for a message: 24h, 90m, 15s, 500ms."""
-    for unit, size in (("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
+    """A bound as people write it: 24h, 90m, 60s, 500ms."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 600 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
     return format_go(seconds)

@@ -655,8 +655,10 @@ class Supervisor:
             if info is not None and _forwardable(info, child_pgid):
                 log.debug(f"forwarding signal {info.si_signo} to child {child.pid}")
                 child.signal(info.si_signo)
-                if info.si_signo == ESCALATED and kill_at is None:
-                    kill_at = time.monotonic() + self.kill_timeout
+                if info.si_signo == ESCALATED:
+                    child.signal(signal.SIGCONT)  # a stopped child (a forwarded SIGTSTP) could not act on it
+                    if kill_at is None:
+                        kill_at = time.monotonic() + self.kill_timeout
             out.status = reap_all(child.pid)
             if out.status is not None:
                 break
