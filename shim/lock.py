@@ -658,7 +658,9 @@ class Locker:
     # -- the --once marker -------------------------------------------------------------------------------
     def read_marker(self):
         """The --once marker's JSON (a dict), or None when there is none."""
-        entries, _ = self._call(self.client.kv_get, self.opts.done_key, consistent=True, give_up_after=MAX_TTL)
+        entries, _ = self._call(
+            self.client.kv_get, self.opts.done_key, consistent=True, give_up_after=self.opts.unreachable_for
+        )
         if not entries or not entries[0].get("Value"):
             return None
         try:
