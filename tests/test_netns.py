@@ -345,8 +345,8 @@ class Nemesis:
 
     def holder_pause(self):
         """Freeze a holding consul-locker with its child, in every workload at once, until the resource has let a
-        newer holder in (lock) or N newer holders (semaphore: then the fence refuses); resume the child first and
-        let it write, then its consul-locker."""
+        newer holder in (lock) or fenced the frozen one (semaphore: N newer holders were inside beside it); resume
+        the child first and let it write, then its consul-locker."""
         frozen = []
         for wl in self.workloads:
             s = self._freeze_inside(wl)
@@ -359,7 +359,8 @@ class Nemesis:
             def newer_inside(wl=wl, s=s):
                 if wl.limit == 1:
                     return any(_accepted_enter(e) and e.token > s.token for e in wl.history.refresh())
-                return len([o for o in wl.history.open_sections() if o.token > s.token]) >= wl.limit
+                # The resource fences a semaphore holder once `limit` newer ones were inside beside it.
+                return any(e.kind == "FENCE" and e.conn == s.conn for e in wl.history.refresh())
 
             try:
                 wait_until(newer_inside, max(0.1, f["start"] + bound - time.monotonic()), 0.05, "a newer holder")
@@ -732,8 +733,8 @@ def test_resource_refuses_a_token_older_than_the_newest_and_keeps_that_section_f
     assert ("CLOSE", 10, "-") in kinds
 
 
-def test_semaphore_resource_refuses_a_holder_with_limit_newer_holders_beside_it(resource):
-    port, _ = resource(2)
+def test_semaphore_resource_fences_a_holder_once_limit_newer_holders_were_inside_beside_it(resource):
+    port, hist = resource(2)
     a, b, c = _client(port), _client(port), _client(port)
     assert a("ENTER 5 c1/1/2") == "OK"
     assert b("ENTER 7 c2/3/4") == "OK"
@@ -741,6 +742,23 @@ def test_semaphore_resource_refuses_a_holder_with_limit_newer_holders_beside_it(
     assert c("ENTER 9 c3/5/6") == "OK"  # not refused: three inside is for the checker to judge
     assert a("WRITE 5 c1/1/2").startswith("REFUSED")  # two newer holders: this one cannot hold a slot any more
     assert b("WRITE 7 c2/3/4") == "OK"
+    assert c("EXIT 9 c3/5/6") == "OK" and b("EXIT 7 c2/3/4") == "OK"
+    assert a("WRITE 5 c1/1/2").startswith("REFUSED")  # the newer ones left; it lost its slot all the same
+    assert [(e.kind, e.token) for e in hist.refresh() if e.kind == "FENCE"] == [("FENCE", 5)]
+
+
+def test_checker_sees_a_semaphore_holder_write_after_its_slot_went_to_others():
+    events = _events(
+        "1.0 1 ENTER 5 c1/1/2 OK 1",
+        "20.0 2 ENTER 7 c2/3/4 OK 2",
+        "20.5 3 ENTER 9 c3/5/6 OK 3",
+        "21.0 2 EXIT 7 c2/3/4 OK 2",
+        "21.5 3 EXIT 9 c3/5/6 OK 1",
+        "22.0 1 WRITE 5 c1/1/2 OK 1",
+    )
+    found = [what for what, _ in fenced.check(events, 2, paused={"c1/1/2"}).violations]
+    assert "stale token 5 accepted after 2 newer holders were inside at once" in found
+    assert any(what.startswith("3 sections inside at 20.500 (limit 2)") for what in found)
 
 
 def test_sweep_removes_what_dead_runs_left_and_nothing_of_live_ones():

@@ -10,9 +10,11 @@ cannot give by itself: a fencing token. Lines, one request per line, one answer 
 One TCP connection is one critical section; the connection closing (the process died) ends it too, and is
 recorded, so the history shows when a killed child was really gone. Rules:
   * --limit 1: a token lower than the highest accepted so far is REFUSED (the classic fencing token);
-  * --limit N > 1: a token is REFUSED when N sections with higher tokens are open (entered, not ended, not fenced):
-    with at most N holders at once, a holder that still holds cannot have N later grants beside it. (A weaker
-    fence than the lock's, and all a resource can do for a semaphore without knowing the holder set.)
+  * --limit N > 1: a section is fenced as soon as N sections with higher tokens are open at once beside it
+    (entered, not ended, not fenced): with at most N holders at once, a holder that still held its slot could not
+    have N later grants beside it. Its requests are REFUSED from then on, even once the newer ones have left.
+    (Weaker than the lock's fence, as a stale holder is caught only once N newer ones overlapped, but all a
+    resource can do for a semaphore without knowing the holder set.) A FENCE line records the moment.
   * once refused, a section stays fenced: every later request of it is REFUSED.
 The resource does not enforce the limit on ENTER; it records how many sections were open, and the checker judges.
 
@@ -111,7 +113,18 @@ class Resource:
             conn.open = False
         verdict = "OK" if ok else "REFUSED"
         self.record(conn, kind, token, verdict)
+        if ok and kind == "ENTER" and self.limit > 1:
+            self._supersede()
         return verdict if ok else f"REFUSED {self.highest}"
+
+    def _supersede(self):
+        """Fence every open section that now has `limit` newer sections open beside it: had it still held a slot,
+        that would be limit+1 holders, so it lost its slot; it stays fenced even when the newer ones leave (only
+        its own next request would tell, and by then it must be refused)."""
+        for c in self._open_sections():
+            if len([o for o in self._open_sections() if o is not c and o.token > c.token]) >= self.limit:
+                c.fenced, c.open = True, False
+                self.record(c, "FENCE", c.token, "-")
 
     def close(self, conn):
         conn.open = False
@@ -389,6 +402,7 @@ def check(events, limit, paused=(), horizon=None):
                 gap_from = t
 
     # No stale token accepted, judged again from the history itself (not from the resource's decisions).
+    superseded = _superseded(intervals, limit) if limit > 1 else {}
     highest = -1
     for e in events:
         if e.verdict != "OK" or e.kind not in ("ENTER", "WRITE", "EXIT"):
@@ -397,11 +411,34 @@ def check(events, limit, paused=(), horizon=None):
             if e.token < highest:
                 v.violations.append((f"stale token {e.token} accepted after {highest}", e.t))
             highest = max(highest, e.token)
-        else:
-            newer = [s for s, a, b in intervals if s.conn != e.conn and s.token > e.token and a <= e.t < b]
-            if len(newer) >= limit:
-                v.violations.append((f"stale token {e.token} accepted beside {len(newer)} newer holders", e.t))
+        elif e.t > superseded.get(e.conn, e.t):
+            v.violations.append(
+                (f"stale token {e.token} accepted after {limit} newer holders were inside at once", e.t)
+            )
     return v
+
+
+def _superseded(intervals, limit):
+    """conn -> the first moment `limit` sections with higher tokens were inside at once beside it (from then on
+    it cannot hold a slot any more)."""
+    found = {}
+    # The order of the overlap sweep in check(): ends, then starts, then ends of sections that ended as they began.
+    points = [(a, 1, s) for s, a, _ in intervals] + [(b, 2 if b == a else 0, s) for s, a, b in intervals]
+    inside = set()
+    for t, order, x in sorted(points, key=_key):
+        if order != 1:
+            inside.discard(x)
+            continue
+        inside.add(x)
+        for s in inside:
+            if s.conn not in found and s.token < x.token:
+                if len([y for y in inside if y.token > s.token]) >= limit:
+                    found[s.conn] = t
+    return found
+
+
+def _key(point):
+    return point[0], point[1]
 
 
 def _start(s):
