@@ -1,4 +1,4 @@
-"""The lock and semaphore decisions, from what Consul holds, without Consul (shim.lock's pure helpers)."""
+"""The lock and semaphore decisions, from what Consul holds, without Consul (shim.protocol)."""
 
 import base64
 import json
@@ -6,11 +6,11 @@ import json
 import pytest
 
 from shim.errors import KeyConflict
-from shim.lock import (
+from shim.lock import Options
+from shim.protocol import (
     LOCK_FLAG,
     SEMAPHORE_FLAG,
     LockProtocol,
-    Options,
     SemaphoreProtocol,
     decode_semaphore,
     encode_semaphore,
