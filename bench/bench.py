@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -276,15 +277,24 @@ class Bench:
         return (_read_ns(start, waiter) - _read_ns(end, holder)) / 1e6
 
     def burst(self, tool, i, n):
-        """n contenders started at once, each runs `true` under the lock: seconds until the last has exited."""
+        """n contenders started at once, each runs `true` under the lock: (seconds until the last has exited, CPU
+        seconds of all contenders, CPU seconds of the Consul agent meanwhile). The CPU figures say where the time
+        goes: n interpreters starting on 2 cores, or the contenders' requests and Consul's answers."""
         name = f"bench-burst-{tool.key}-{i:04d}"
+        cpu0, agent0 = _children_cpu(), self.agent_cpu()
         t0 = time.perf_counter()
         procs = [self.start(tool.command(name, ["true"]), tool) for _ in range(n)]
         codes = [self.finish(p, STEP_TIMEOUT + 10 * n) for p in procs]
         wall = time.perf_counter() - t0
         if any(codes):
             raise BenchError(f"{tool.label} burst: exit codes {codes}\n{self.log_tail(procs[0])}")
-        return wall
+        return wall, _children_cpu() - cpu0, self.agent_cpu() - agent0
+
+    def agent_cpu(self):
+        """CPU seconds the Consul agent has used so far."""
+        with open(f"/proc/{self.agent.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _timed(self, argv, tool):
         """Run argv to its end: (wall ms, CPU ms of it and its children, from wait4's rusage)."""
@@ -351,6 +361,12 @@ class Bench:
         return (_read_ns(start, waiter) - killed) / 1e9
 
 
+def _children_cpu():
+    """CPU seconds of every child this process has waited for (the contenders of a burst, once reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _read_ns(path, proc):
     try:
         with open(path) as f:
@@ -390,6 +406,8 @@ ROWS = [
     ("signal", "SIGTERM -> child handler, median", "ms", median, ("ratio", 1.0)),
     ("signal", "SIGTERM -> child handler, p90", "ms", p90, None),
     ("burst", "burst of {burst} `true`, total", "s", median, ("ratio", 0.7)),
+    ("burst_cpu", "burst: CPU of all contenders", "s", median, None),
+    ("burst_agent_cpu", "burst: CPU of the Consul agent", "s", median, None),
     ("rss", "peak RSS while child sleeps", "MiB", median, ("ratio", 0.75)),
     ("uncontended_wall", "uncontended `true`, wall", "ms", median, None),
     ("uncontended_wall", "uncontended wall minus floor", "ms", median, ("startup", 2.0)),
@@ -596,12 +614,15 @@ def run(args, out=sys.stdout):
 
         phase("uncontended", f"uncontended `true` and floors: {args.rounds} rounds", args.rounds, uncontended_round)
         phase("handoff", f"handoff: {args.rounds} rounds", args.rounds, each_tool("handoff", bench.handoff))
-        phase(
-            "burst",
-            f"burst: {args.burst} contenders, {args.burst_rounds} round(s)",
-            args.burst_rounds,
-            each_tool("burst", lambda t, i: bench.burst(t, i, args.burst)),
-        )
+
+        def burst_round(i):
+            for t in rotated(tools, i):
+                wall, cpu, agent_cpu = bench.burst(t, i, args.burst)
+                record("burst", t, wall)
+                record("burst_cpu", t, cpu)
+                record("burst_agent_cpu", t, agent_cpu)
+
+        phase("burst", f"burst: {args.burst} contenders, {args.burst_rounds} round(s)", args.burst_rounds, burst_round)
         phase("rss", f"peak RSS: {args.rss_rounds} round(s)", args.rss_rounds, each_tool("rss", bench.peak_rss))
         phase(
             "signal", f"signal latency: {args.signal_rounds} rounds", args.signal_rounds,
