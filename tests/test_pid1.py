@@ -16,7 +16,8 @@ import psutil
 import pytest
 from lib.consul_agent import wait_until
 from lib.locker import assert_no_session, lock_key, locker_env
-from test_signals import exists, finish, signal_state, start, wait_file
+from lib.probe import PROBE, probe
+from lib.procs import finish, signal_state, start, wait_file
 
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
@@ -78,34 +79,25 @@ def session_of(consul, name):
 
 
 # -- reaping ---------------------------------------------------------------------------------------------------
-ORPHANS = r"""
-# Each orphan: its subshell exits at once, so it is re-parented to the nearest reaper; after 0.2 s it notes the
-# PID of its parent at that moment, then exits and must be reaped by that parent.
-i=0
-while [ $i -lt "$3" ]; do
-    (sh -c 'sleep 0.2; read -r _ _ _ ppid _ < /proc/$$/stat; echo "$ppid" >> "$1"' orphan "$1" &)
-    i=$((i + 1))
-done
-while [ ! -e "$2" ]; do sleep 0.02; done
-"""
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", MODES)
 def test_double_forked_orphans_are_reaped_while_the_child_runs(consul, name, tmp_path, mode):
     ppids, go, count = tmp_path / "ppids", tmp_path / "go", 50
-    p, shim = launch(consul, mode, name, "sh", "-c", ORPHANS, "orphans", ppids, go, count)
+    # Each orphan: its parent exits at once, so it is re-parented to the nearest reaper; after a moment it notes
+    # the PID of its parent then, exits, and must be reaped by that parent.
+    p, shim = launch(consul, mode, name, *probe("orphans", ppids, go, count))
     try:
 
         def all_reaped():
-            if not exists(ppids) or len(open(ppids).read().split()) < count:
+            if not ppids.exists() or len(ppids.read_text().split()) < count:
                 return False
             children = shim.children()  # zombies included: an unreaped orphan is still listed
-            return len(children) == 1 and children[0].name() == "sh"  # only the main child, still running
+            # Only the main child, still running.
+            return len(children) == 1 and children[0].cmdline()[1:3] == [PROBE, "orphans"]
 
         wait_until(all_reaped, 30, message=f"{count} orphans to exit and be reaped")
-        assert open(ppids).read().split() == [str(pid_in_namespace(mode, shim))] * count
-        assert not exists(go), "the main child was still running"
+        assert ppids.read_text().split() == [str(pid_in_namespace(mode, shim))] * count
+        assert not go.exists(), "the main child was still running"
     finally:
         go.touch()
     rc, err = finish(p)
@@ -164,42 +156,14 @@ def test_sigterm_to_pid1_as_soon_as_signals_are_blocked_is_not_lost(consul, name
 
 
 # -- the tree is gone before the lock is released ------------------------------------------------------------
-# A descendant in its own session that needs time to exit: SIGTERM makes it note that, then linger until told.
-# Python, not sh: while the tree is cleaned, every new process in it gets SIGTERM too (a `touch` would die).
-LEFTOVER = r"""
-import os, signal, sys, time
-
-termed, release, started = sys.argv[1:4]
-
-
-def linger(signum, frame):
-    open(termed, "w").close()
-    while not os.path.exists(release):
-        time.sleep(0.02)
-    sys.exit(0)
-
-
-signal.signal(signal.SIGTERM, linger)
-open(started, "w").close()
-while True:
-    signal.pause()
-"""
-LEAVES_A_TREE = r"""
-setsid sleep 300 &
-setsid "$5" "$4" "$1" "$2" "$3" &
-while [ ! -e "$3" ]; do sleep 0.02; done
-exit 5
-"""
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", MODES)
 def test_setsid_leftovers_are_terminated_and_the_lock_held_until_they_are_gone(consul, name, tmp_path, mode):
+    # The child leaves, each in a session of its own, a `sleep 300` and a descendant that needs time to exit:
+    # SIGTERM makes it note that, then linger until told.
     termed, release, started = tmp_path / "termed", tmp_path / "release", tmp_path / "started"
-    leftover = tmp_path / "leftover.py"
-    leftover.write_text(LEFTOVER)
-    env_args = ["sh", "-c", LEAVES_A_TREE, "tree", termed, release, started, leftover, sys.executable]
-    p, shim = launch(consul, mode, "--kill-timeout", "60s", name, *env_args)
+    child = probe("tree", termed, release, started, "--code", 5)
+    p, shim = launch(consul, mode, "--kill-timeout", "60s", name, *child)
     try:
         wait_file(termed, p=p)  # the main child has exited and its leftovers got SIGTERM
 
@@ -207,7 +171,7 @@ def test_setsid_leftovers_are_terminated_and_the_lock_held_until_they_are_gone(c
             return all(cmdline(q) not in (["sleep", "300"], None) for q in shim.children(recursive=True))
 
         wait_until(sleeper_gone, 10, message="the setsid'd `sleep 300` to be terminated")
-        lingering = [q for q in shim.children() if q.cmdline()[1:2] == [str(leftover)]]
+        lingering = [q for q in shim.children() if q.cmdline()[1:3] == [PROBE, "leftover"]]
         assert lingering and os.getsid(lingering[0].pid) != os.getsid(shim.pid)
         assert p.poll() is None, "consul-locker exited before its tree was gone"
         assert session_of(consul, name), "the lock was released while a descendant still ran"
@@ -227,7 +191,7 @@ def test_stopped_leftover_is_continued_so_it_can_handle_sigterm(consul, name, tm
     p = start(consul, "--kill-timeout", "60s", name, "sh", "-c", child, "child", termed, stopped)
     rc, err = finish(p, timeout=20)  # well before the 60 s SIGKILL
     assert rc == 0, err
-    assert exists(termed), "the stopped leftover never ran its SIGTERM handler"
+    assert termed.exists(), "the stopped leftover never ran its SIGTERM handler"
 
 
 # -- a PID namespace without its own /proc -------------------------------------------------------------------
@@ -236,9 +200,9 @@ def test_stopped_leftover_is_continued_so_it_can_handle_sigterm(consul, name, tm
 def test_foreign_proc_is_detected_so_the_hosts_processes_are_never_walked(consul, name):
     # `unshare --pid --fork` without --mount-proc: /proc is the host's, where PID 1 is the host's init and its
     # descendants are every process of the machine. The shim must notice and not treat them as its own.
-    probe = "from shim.supervisor import proc_is_ours; print(proc_is_ours())"
+    check = "from shim.supervisor import proc_is_ours; print(proc_is_ours())"
     r = subprocess.run(
-        ["unshare", "--pid", "--fork", sys.executable, "-c", probe],
+        ["unshare", "--pid", "--fork", sys.executable, "-c", check],
         capture_output=True,
         text=True,
         env=locker_env(consul),

@@ -23,25 +23,9 @@ import time
 import pytest
 from lib.consul_agent import wait_until
 from lib.locker import LOCKER, assert_no_session, locker_env, sessions_named
+from lib.probe import probe
 
 NAMESPACE_FAILED = 71
-
-# The child: starts a daemon (fork, setsid, fork) that ignores SIGTERM and runs until killed, then waits forever.
-# The daemon's command line carries MARKER-daemon, so the test finds it from the host whatever its PID inside.
-CHILD = r"""
-import os, signal, sys, time
-marker, ready = sys.argv[1], sys.argv[2]
-DAEMON = "import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nopen(sys.argv[2], 'w').close()\n" \
-         "while True:\n    time.sleep(1)\n"
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        os.execv(sys.executable, [sys.executable, "-c", DAEMON, marker + "-daemon", ready])
-    os._exit(0)
-os.wait()
-while True:
-    time.sleep(1)
-"""
 
 
 def with_marker(marker):
@@ -64,10 +48,13 @@ def with_marker(marker):
 
 
 def start_daemonizing_child(consul, name, tmp_path, *options):
+    """The child starts a daemon (fork, setsid, fork) that ignores SIGTERM and runs until killed, then waits forever.
+    The daemon's command line carries MARKER (TAG-daemon), so the test finds it from the host whatever its PID
+    inside."""
     tag = f"pidns-{os.getpid()}-{time.monotonic_ns()}"
     marker, ready = f"{tag}-daemon", tmp_path / "ready"
     p = subprocess.Popen(
-        LOCKER + [*options, name, sys.executable, "-c", CHILD, tag, str(ready)],
+        LOCKER + [*options, name, *probe("daemonize", tag, ready)],
         env=locker_env(consul),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -3,124 +3,24 @@
 Covers: forwarding of every kind of signal to the child (and to its group with -g), job control, the stop
 signals that end the wait for the lock, SIGTERM at any moment of start-up, SIGKILL of the shim (PDEATHSIG), the
 child's clean signal state, the main child's status under a storm of orphan SIGCHLDs, and ENOEXEC scripts.
-The PID-1 behaviours (unshare --pid) are in test_pid1.py; the helpers here are shared with it.
+The PID-1 behaviours (unshare --pid) are in test_pid1.py. The child is lib/probe.py (modes `signals`, `burst`).
 """
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 from lib.consul_agent import wait_until
-from lib.locker import LOCKER, assert_no_session, lock_key, locker_env, sessions_named
+from lib.locker import assert_no_session, lock_key, sessions_named
+from lib.probe import probe
+from lib.procs import child_of, finish, is_gone, log_lines, signal_state, start, wait_file
 
 from shim.lock import LOCK_FLAG
 
-# A child that notes every signal it is told to trap in a log file ("LABEL SIGNAME" lines), touches READY once
-# its handlers are in place, and optionally starts a grandchild just like itself (same process group).
-PROBE = r"""
-import os, signal, subprocess, sys
-
-log, label, ready, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-
-
-def note(signum, frame):
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, f"{label} {signal.Signals(signum).name}\n".encode())
-    os.close(fd)
-
-
-for name in names.split(","):
-    signal.signal(getattr(signal, name), note)
-if len(sys.argv) > 5:
-    subprocess.Popen([sys.executable, __file__, log, "grandchild", sys.argv[5], names])
-open(ready, "w").close()
-while True:
-    signal.pause()
-"""
-
 FORWARDED = ["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGWINCH", "SIGQUIT", "SIGINT"]
 STOPPING = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
-
-
-# -- helpers shared with test_pid1.py -------------------------------------------------------------------------
-def start(consul, *args, prefix=(), **kw):
-    """Start consul-locker ARGS (behind PREFIX, e.g. unshare) against the agent; stdout/stderr captured."""
-    kw.setdefault("env", locker_env(consul))
-    return subprocess.Popen(
-        list(prefix) + LOCKER + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
-    )
-
-
-def finish(p, timeout=20):
-    """Wait for p; return (returncode, stderr). Kills it (and fails) if it does not end in time."""
-    try:
-        _, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-        raise AssertionError(f"consul-locker did not exit within {timeout}s; stderr:\n{err}") from None
-    return p.returncode, err
-
-
-def exists(path):
-    return os.path.exists(path)
-
-
-def wait_file(path, timeout=20, p=None):
-    """Wait for PATH to exist; fail early, with the shim's stderr, if the shim P exits first."""
-
-    def ready():
-        if p is not None and p.poll() is not None:
-            raise AssertionError(f"consul-locker exited with {p.returncode} first:\n{p.stderr.read()}")
-        return exists(path)
-
-    wait_until(ready, timeout, message=f"{path} to appear")
-
-
-def child_of(pid, name, timeout=20):
-    """The child process called NAME of process PID (psutil.Process), once it exists."""
-
-    def find():
-        try:
-            return next((c for c in psutil.Process(pid).children() if c.name() == name), None)
-        except psutil.Error:
-            return None
-
-    return wait_until(find, timeout, message=f"a child {name} of {pid}")
-
-
-def signal_state(pid):
-    """SigBlk, SigIgn, SigCgt of PID as integers (bit N-1 set: signal N)."""
-    with open(f"/proc/{pid}/status") as f:
-        fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
-    return {k: int(fields[k], 16) for k in ("SigBlk", "SigIgn", "SigCgt")}
-
-
-def is_gone(proc):
-    """True once the psutil.Process has exited (a zombie left to another parent counts as exited)."""
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return True
-
-
-def log_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-@pytest.fixture
-def probe(tmp_path):
-    path = tmp_path / "probe.py"
-    path.write_text(PROBE)
-    return [sys.executable, str(path)]
 
 
 @pytest.fixture
@@ -143,9 +43,9 @@ def holder(consul):
 # -- forwarding ----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("signame", FORWARDED)
-def test_signal_sent_to_the_shim_reaches_the_child(consul, name, probe, tmp_path, signame):
+def test_signal_sent_to_the_shim_reaches_the_child(consul, name, tmp_path, signame):
     log, ready = tmp_path / "log", tmp_path / "ready"
-    p = start(consul, name, *probe, log, "child", ready, ",".join(FORWARDED))
+    p = start(consul, name, *probe("signals", log, ready, ",".join(FORWARDED), "--label", "child"))
     wait_file(ready, p=p)
     os.kill(p.pid, getattr(signal, signame))
     wait_until(lambda: log_lines(log), 10, message=f"the child to note {signame}")
@@ -156,9 +56,11 @@ def test_signal_sent_to_the_shim_reaches_the_child(consul, name, probe, tmp_path
 
 
 @pytest.mark.timeout(30)
-def test_process_group_option_forwards_to_the_childs_whole_group(consul, name, probe, tmp_path):
+def test_process_group_option_forwards_to_the_childs_whole_group(consul, name, tmp_path):
     log, ready, grand_ready = tmp_path / "log", tmp_path / "ready", tmp_path / "grand-ready"
-    p = start(consul, "-g", name, *probe, log, "child", ready, "SIGUSR1", grand_ready)
+    p = start(
+        consul, "-g", name, *probe("signals", log, ready, "SIGUSR1", "--label", "child", "--grandchild", grand_ready)
+    )
     wait_file(ready, p=p)
     wait_file(grand_ready, p=p)
     os.kill(p.pid, signal.SIGUSR1)
@@ -203,7 +105,7 @@ def test_stop_signal_during_the_lock_wait_exits_128_plus_n_within_1s(consul, nam
     assert rc == 128 + sig, err
     assert elapsed < 1.0, f"took {elapsed:.2f}s to exit"
     assert not sessions_named(consul, name), "the session must be destroyed before exit"
-    assert not exists(started)
+    assert not started.exists()
 
 
 @pytest.mark.timeout(90)
@@ -284,21 +186,10 @@ def test_script_without_shebang_runs_through_bin_sh(locker, name, tmp_path):
 
 
 # -- reaping ---------------------------------------------------------------------------------------------------
-BURST = """
-i=0
-while [ $i -lt "$1" ]; do
-    (true &)
-    (sleep 0.1 &)
-    i=$((i + 1))
-done
-exit 42
-"""
-
-
 @pytest.mark.timeout(60)
 def test_child_exit_status_survives_a_burst_of_orphan_sigchlds(consul, name):
     # 400 orphans re-parented to us; the last of them die around the main child's own exit.
-    p = start(consul, "--kill-timeout", "30s", name, "sh", "-c", BURST, "burst", 200)
+    p = start(consul, "--kill-timeout", "30s", name, *probe("burst", 200, 42))
     rc, err = finish(p, timeout=50)
     assert rc == 42, err
     assert_no_session(consul, name)

@@ -13,33 +13,15 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import termios
 import threading
 
 import pytest
 from lib.consul_agent import wait_until
 from lib.locker import LOCKER, assert_no_session, locker_env
-
-# The child: logs every SIGINT and SIGUSR1 it gets (one line each), touches READY once its handlers are in place.
-PROBE = r"""
-import os, signal, sys
-
-log, ready = sys.argv[1], sys.argv[2]
-
-
-def note(signum, frame):
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, f"{signal.Signals(signum).name}\n".encode())
-    os.close(fd)
-
-
-signal.signal(signal.SIGINT, note)
-signal.signal(signal.SIGUSR1, note)
-open(ready, "w").close()
-while True:
-    signal.pause()
-"""
+from lib.probe import probe
+from lib.procs import child_pids
+from lib.procs import log_lines as lines
 
 
 class Terminal:
@@ -89,25 +71,17 @@ def _take_controlling_terminal():
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("group", [[], ["-g"]], ids=["same-group", "own-group"])
 def test_one_ctrl_c_at_a_terminal_gives_the_child_one_sigint(consul, name, tmp_path, group):
-    probe, log, ready = tmp_path / "probe.py", tmp_path / "signals", tmp_path / "ready"
-    probe.write_text(PROBE)
-    term = Terminal([*group, name, sys.executable, probe, log, ready], locker_env(consul))
+    # The child logs every SIGINT and SIGUSR1 it gets (one line each), touches READY once its handlers are in place.
+    log, ready = tmp_path / "signals", tmp_path / "ready"
+    term = Terminal([*group, name, *probe("signals", log, ready, "SIGINT,SIGUSR1")], locker_env(consul))
     try:
         wait_until(lambda: ready.exists() or term.proc.poll() is not None, 20, message="the child at the terminal")
         assert term.proc.poll() is None, term.text()
         fg = os.tcgetpgrp(term.master)
-        assert fg == (term.proc.pid if not group else os.getpgid(_child_pid(term.proc.pid))), "not the foreground"
+        assert fg == (term.proc.pid if not group else os.getpgid(child_pids(term.proc.pid)[0])), "not the foreground"
         for press in range(1, 4):
             term.type(b"\x03")  # Ctrl-C: the kernel sends SIGINT to the terminal's foreground process group
             wait_until(lambda: lines(log).count("SIGINT") >= press, 10, message="the child's SIGINT")  # noqa: B023
@@ -126,8 +100,3 @@ def test_one_ctrl_c_at_a_terminal_gives_the_child_one_sigint(consul, name, tmp_p
     finally:
         term.close()
     assert_no_session(consul, name)
-
-
-def _child_pid(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return int(f.read().split()[0])
