@@ -14,7 +14,10 @@ recorded, so the history shows when a killed child was really gone. Rules:
     (entered, not ended, not fenced): with at most N holders at once, a holder that still held its slot could not
     have N later grants beside it. Its requests are REFUSED from then on, even once the newer ones have left.
     (Weaker than the lock's fence, as a stale holder is caught only once N newer ones overlapped, but all a
-    resource can do for a semaphore without knowing the holder set.) A FENCE line records the moment.
+    resource can do for a semaphore without knowing the holder set. It assumes the newer ones are live: a stale
+    holder still connected (frozen) beside a live older one would get the older one fenced instead, so a test
+    freezes one semaphore holder at a time and gives no other one a long task meanwhile.) A FENCE line records
+    the moment.
   * once refused, a section stays fenced: every later request of it is REFUSED.
 The resource does not enforce the limit on ENTER; it records how many sections were open, and the checker judges.
 
