@@ -1,14 +1,14 @@
 """Mutual exclusion and semaphore limits, among consul-locker processes and mixed with real `consul lock`."""
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from lib.locker import assert_no_session
+from lib.probe import probe
 
-CHILD = [sys.executable, str(Path(__file__).parent / "lib" / "cs_child.py")]
+CHILD = probe("section")  # LOG HOLD [WANT]: logs "S <ns> <pid>" and "E <ns> <pid>"
 
 
 def intervals(log):

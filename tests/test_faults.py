@@ -1,5 +1,5 @@
 """Lock safety under faults, against real Consul agents: the lock lost while the child runs, a frozen agent, a
-network cut (tests/faultproxy.py), a SIGKILLed holder. Every figure asserted here is printed too (pytest -s)."""
+network cut (tests/lib/faultproxy.py), a SIGKILLed holder. Every figure asserted here is printed too (pytest -s)."""
 
 import signal
 import time

@@ -1,6 +1,7 @@
 """Lock safety under the faults of issue 9, on a real Consul agent (tests/lib/faultproxy.py in http mode faults one
 request at a time, chosen by method and path). Every rule tested here is in ../shared/contract.md, "Additions
-(second round)", "Lock safety"; times come from the children's own logs (tests/lib/cs_child.py, CLOCK_MONOTONIC).
+(second round)", "Lock safety"; times come from the children's own logs (tests/lib/probe.py, mode `section`,
+CLOCK_MONOTONIC).
 
 Each test against the code before the fixes (SHIM_SRC=/work/snap-old, pytest started outside /work/main: `python
 -m shim` puts the working directory first on sys.path), and how it failed there:
@@ -31,23 +32,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
-from lib import cs_child
+from lib import sectionlog
 from lib.consul_agent import wait_until
 from lib.faultproxy import Child, DeathWatch, FaultProxy, Watched
 from lib.locker import LOCKER, assert_no_session, lock_key, locker_env, sessions_named
+from lib.probe import probe
+from lib.procs import child_pids
 
 TTL = 10.0  # Consul's smallest session TTL
 # Consul invalidates a session TTL x 2 after the last renewal it received (it doubles the TTL as grace).
 CONSUL_TTL_MULTIPLIER = 2
 LOCK_FLAG = 0x2DDCCBC058A50C18  # hashicorp/consul api's lock flags (the layout of `consul lock`)
 TIMING = ["--ttl", "10s", "--lock-delay", "3s", "--kill-timeout", "1s"]  # kill-timeout < lock-delay
-CS = [sys.executable, str(Path(__file__).parent / "lib" / "cs_child.py")]
+CS = probe("section")
 LOCK_LOST = 75
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
@@ -145,7 +147,7 @@ def started(path, count, timeout, procs=()):
         for p in procs:
             if p.proc.poll() is not None:
                 raise AssertionError(f"consul-locker exited {p.proc.returncode} first:\n{p.stderr()}")
-        secs = [s for s in cs_child.read(path).values() if s.start is not None]
+        secs = [s for s in sectionlog.read(path).values() if s.start is not None]
         return secs if len(secs) >= count else None
 
     return wait_until(ready, timeout, message=f"{count} critical section(s) in {path}")
@@ -269,7 +271,7 @@ def test_semaphore_slot_of_a_partitioned_holder_waits_lock_delay(consul, proxy, 
         t_gone = time.monotonic()
         sections = started(log, 3, 18 + 15, [a2])
         b_start = max(s.start for s in sections)
-        inside = cs_child.max_inside(spans(cs_child.read(log), deaths))
+        inside = sectionlog.max_inside(spans(sectionlog.read(log), deaths))
         a1_dead = deaths.died(first.pid)
         print(
             f"\ncut; A1's session gone {t_gone - t_cut:.2f} s later; A1's child dead "
@@ -321,7 +323,7 @@ def test_semaphore_waiter_arriving_after_the_dead_holder_was_seen_waits_too(cons
         b2 = run(*SEM_FAST, name, *CS, log, "0.2", "--monotonic")
         sections = started(log, 3, 6 + 15, [a2, b2])
         b2_start = max(s.start for s in sections)
-        inside = cs_child.max_inside(spans(cs_child.read(log), deaths))
+        inside = sectionlog.max_inside(spans(sectionlog.read(log), deaths))
         a1_dead = deaths.died(first.pid)
         print(
             f"\nA1's session destroyed; A1's child dead {(a1_dead - t_gone) if a1_dead else float('nan'):.2f} s "
@@ -378,14 +380,14 @@ def _hop_run(consul, locker, name, log, go, interval_ms, ignore_term):
     h1 = locker.popen(*timing, name, *first, **out)
     h2 = pgid = None
     try:
-        wait_until(lambda: any(s.pgid for s in cs_child.read(log).values()), 20, message="the leftover")
-        pgid = next(s.pgid for s in cs_child.read(log).values() if s.pgid)
+        wait_until(lambda: any(s.pgid for s in sectionlog.read(log).values()), 20, message="the leftover")
+        pgid = next(s.pgid for s in sectionlog.read(log).values() if s.pgid)
         h2 = locker.popen(*timing, name, *CS, log, "0", "--monotonic", **out)
         wait_until(lambda: len(sessions_named(consul, name)) == 2, 15, message="the next holder waiting")
         go.touch()  # the first child leaves its section and exits; its leftover hops on
         codes = (h1.wait(30), h2.wait(30))
         assert codes == (0, 0), Path(f"{log}.err").read_text()
-        sections = cs_child.read(log)
+        sections = sectionlog.read(log)
         nxt = next(s for s in sections.values() if s.pgid is None and s.start is not None)
         hopper = next(s for s in sections.values() if s.pgid)
         late = [t for t in hopper.hops if t >= nxt.start]
@@ -586,7 +588,7 @@ def _tstp_storm_run(consul, name):
         while time.monotonic() < deadline and p.poll() is None:
             os.killpg(p.pid, signal.SIGTSTP)
             sent += 1
-            if t_child is None and _children_of(p.pid):
+            if t_child is None and child_pids(p.pid):
                 t_child = time.monotonic()
             if t_child is not None and time.monotonic() > t_child + 0.2:
                 break
@@ -610,17 +612,9 @@ def _tstp_storm_run(consul, name):
             consul.api("PUT", f"/v1/session/destroy/{s['ID']}")
 
 
-def _children_of(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
 def _states(pid):
     out = {}
-    for c in _children_of(pid):
+    for c in child_pids(pid):
         try:
             with open(f"/proc/{c}/stat") as f:
                 comm, rest = f.read().rsplit(")", 1)

@@ -6,12 +6,14 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from lib import sectionlog
 from lib.locker import LOCKER, lock_key, locker_env, sessions_named
+from lib.probe import probe
+from lib.procs import child_pids
 
 LOCKERS, CONSUL_LOCKS = 7, 3  # contenders of each kind, always relaunched
 SECTIONS = 200  # critical sections at least
@@ -20,47 +22,24 @@ LOCK_DELAY = 1.5
 TIMING = ["--ttl", "10s", "--lock-delay", f"{LOCK_DELAY}s", "--kill-timeout", "0.2s"]  # kill-timeout < lock-delay
 SOAK_FOR = 100.0  # hard bound of the contending phase
 
-# The critical section: log start, work a little, log end. One write(2) with O_APPEND per line: lines from
-# concurrent writers never interleave. Times are CLOCK_MONOTONIC (system-wide, same clock as the test's).
-CHILD = r"""
-import os, random, sys, time
-path, kind = sys.argv[1], sys.argv[2]
-token = os.urandom(8).hex()
-def log(line):
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.write(fd, line.encode())
-    os.close(fd)
-session = os.environ.get("CONSUL_LOCK_SESSION", "-")
-log(f"S {token} {time.monotonic():.6f} {os.getpid()} {os.getppid()} {kind} {session}\n")
-time.sleep(random.uniform(0.005, 0.03))
-log(f"E {token} {time.monotonic():.6f}\n")
-"""
+KINDS = ("locker", "consul-lock")
 
 
-def read_log(path):
-    starts, ends = {}, {}
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return starts, ends
-    for line in lines:
-        parts = line.split()
-        if parts[0] == "S":
-            _, tok, t, pid, ppid, kind, session = parts
-            starts[tok] = (float(t), int(pid), int(ppid), kind, session)
-        else:
-            ends[parts[1]] = float(parts[2])
-    return starts, ends
+def child(log):
+    """A critical section (lib/probe.py, mode `section`): logs its start (with the session, if any) and its end to
+    LOG with CLOCK_MONOTONIC times (system-wide, same clock as the test's), after working a little."""
+    return probe("section", log, f"{random.uniform(0.005, 0.03):.4f}", "--monotonic", "--env")
+
+
+def read_logs(logs):
+    """{(kind, pid, start): Section} of every section in LOGS ({kind: path}): a PID used twice is two sections."""
+    return {(kind, s.pid, s.start): s for kind, path in logs.items() for s in sectionlog.read_all(path) if s.start}
 
 
 class Soak:
     def __init__(self, consul, consul_bin, name, tmp_path):
         self.consul, self.name = consul, name
-        self.log = str(tmp_path / "sections.log")
-        self.script = str(tmp_path / "child.py")
-        with open(self.script, "w") as f:
-            f.write(CHILD)
+        self.logs = {kind: str(tmp_path / f"{kind}.log") for kind in KINDS}
         self.tmp = tmp_path
         self.env = locker_env(consul)
         self.consul_bin = consul_bin
@@ -68,22 +47,22 @@ class Soak:
         self.lock = threading.Lock()
         self.holders = {}  # pid -> Popen of running consul-locker processes
         self.codes = []  # (kind, exit code)
-        self.kills = []  # (token, t_kill, t_child_dead)
+        self.kills = []  # (section, t_kill, t_child_dead); a section is (kind, pid, start)
         self.failures = []
 
     def sections(self):
-        return len(read_log(self.log)[0])
+        return len(read_logs(self.logs))
 
     def argv(self, kind):
         if kind == "locker":
-            return LOCKER + [*TIMING, self.name, sys.executable, self.script, self.log, kind]
+            return LOCKER + [*TIMING, self.name, *child(self.logs[kind])]
         # consul lock runs its child through sh -c: one string.
         return [
             self.consul_bin,
             "lock",
             f"-http-addr={self.consul.addr}",
             f"consul-locker/{self.name}",
-            f"{sys.executable} {self.script} {self.log} {kind}",
+            " ".join(child(self.logs[kind])),
         ]
 
     def worker(self, kind, i):
@@ -103,58 +82,68 @@ class Soak:
         rng = random.Random()
         while len(self.kills) < KILLS and not self.stop.wait(rng.uniform(0.5, 2.0)):
             while not self.stop.is_set() and not self.kill_one():
-                time.sleep(0.01)  # polling the sections log for a victim
+                time.sleep(0.01)  # polling the sections logs for a victim
 
     def kill_one(self):
         """SIGKILL the consul-locker whose child is in its critical section, if one is; then destroy its session
         at once (Consul's TTL expiry would do it 10-20 s later) so the next holder comes after lock-delay.
         True when it killed one."""
-        starts, ends = read_log(self.log)
         killed = {k[0] for k in self.kills}
-        running = [(tok, s) for tok, s in starts.items() if tok not in ends and tok not in killed]
-        if len(running) != 1 or running[0][1][3] != "locker":
+        running = [(key, s) for key, s in read_logs(self.logs).items() if s.end is None and key not in killed]
+        if len(running) != 1 or running[0][0][0] != "locker" or running[0][1].session is None:
             return False
-        tok, (_, pid, ppid, _, session) = running[0]
-        with self.lock:
-            shim = self.holders.get(ppid)
-        if shim is None:
-            return False
+        key, section = running[0]
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(section.pid)
         except ProcessLookupError:
             return False
         try:
-            if tok in read_log(self.log)[1]:
+            with self.lock:
+                shim = self.holders.get(_parent(section.pid))
+            if shim is None:
+                return False
+            if read_logs(self.logs)[key].end is not None:
                 return False  # the section ended meanwhile: not a holder any more
             shim.send_signal(signal.SIGKILL)
             t_kill = time.monotonic()
-            self.consul.api("PUT", f"/v1/session/destroy/{session}")
+            self.consul.api("PUT", f"/v1/session/destroy/{section.session}")
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
             if not poller.poll(5000):
-                self.failures.append(f"child {pid} of SIGKILLed consul-locker {ppid} still alive after 5 s")
+                self.failures.append(f"child {section.pid} of SIGKILLed consul-locker {shim.pid} still alive after 5 s")
                 self.stop.set()
                 return True
-            self.kills.append((tok, t_kill, time.monotonic()))
+            self.kills.append((key, t_kill, time.monotonic()))
             return True
         finally:
             os.close(pidfd)
 
 
-def overlaps(starts, ends, kills):
+def _parent(pid):
+    """The parent PID of process PID (a zombie's too), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def overlaps(sections, kills):
     """Check the sections pairwise in start order; return (problems, smallest gap, smallest gap after a kill)."""
-    killed = {tok: (t_kill, t_dead) for tok, t_kill, t_dead in kills}
+    killed = {key: (t_kill, t_dead) for key, t_kill, t_dead in kills}
     intervals = []
-    for tok, (t, _, _, kind, _) in starts.items():
+    for key, s in sections.items():
         # A killed child's end is when we saw it dead (an upper bound); a section that logged no end and was
         # not killed by us never ended as far as we know.
-        end = killed[tok][1] if tok in killed else ends.get(tok, float("inf"))
-        intervals.append((t, end, tok, kind))
+        end = killed[key][1] if key in killed else (s.end if s.end is not None else float("inf"))
+        intervals.append((s.start, end, key))
     intervals.sort()
     problems, gap, gap_after_kill = [], float("inf"), float("inf")
     for prev, cur in zip(intervals, intervals[1:]):
         if cur[0] <= prev[1]:
-            problems.append(f"{cur[3]} section {cur[2]} started {prev[1] - cur[0]:.4f} s before {prev[2]} ended")
+            problems.append(
+                f"{cur[2][0]} section {cur[2][1]} started {prev[1] - cur[0]:.4f} s before {prev[2][1]} ended"
+            )
         gap = min(gap, cur[0] - prev[1])
         if prev[2] in killed:
             gap_after_kill = min(gap_after_kill, cur[0] - killed[prev[2]][0])
@@ -184,9 +173,9 @@ def test_no_two_holders_ever_overlap_under_random_sigkills_and_mixed_clients(con
         for p in left:
             p.kill()
     elapsed = time.monotonic() - t0
-    starts, ends = read_log(soak.log)
-    problems, gap, gap_after_kill = overlaps(starts, ends, soak.kills)
-    kinds = {k: sum(1 for s in starts.values() if s[3] == k) for k in ("locker", "consul-lock")}
+    starts = read_logs(soak.logs)
+    problems, gap, gap_after_kill = overlaps(starts, soak.kills)
+    kinds = {k: sum(1 for key in starts if key[0] == k) for k in KINDS}
     odd = [(k, c) for k, c in soak.codes if c not in (0, -signal.SIGKILL)]
     print(
         f"\nsoak: {len(starts)} sections ({kinds}) in {elapsed:.1f} s, {len(soak.kills)} holders SIGKILLed; "
@@ -226,7 +215,7 @@ MIXED = {
     "lock": (1, 4, ["--ttl", "10s", "--lock-delay", "3s", "--kill-timeout", "1s"]),
     "sem": (2, 5, ["--limit", "2", "--ttl", "10s", "--lock-delay", "15s", "--kill-timeout", "12s"]),
 }
-CS_CHILD = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", "cs_child.py")]
+CS_CHILD = probe("section")
 
 
 class MixedSoak:
@@ -305,7 +294,7 @@ class MixedSoak:
         with self.lock:
             now = [(k, i, p, lo) for (k, i), (p, lo) in self.current.items() if (k, i) not in self.busy]
         now = [(k, i, p) for k, i, p, lo in now if p.poll() is None and (with_leftover or not lo)]
-        holders = [c for c in now if _children(c[2].pid)]
+        holders = [c for c in now if child_pids(c[2].pid)]
         spent = {kind for kind, n in self.disruptions.items() if n >= HOLDER_DISRUPTIONS[kind]}
         now = [c for c in now if c[0] not in spent or c not in holders]
         holders = [c for c in holders if c[0] not in spent]
@@ -313,7 +302,7 @@ class MixedSoak:
         if not pool:
             return None
         kind, i, p = self.rng.choice(pool)
-        if _children(p.pid):
+        if child_pids(p.pid):
             self.disruptions[kind] += 1
         return kind, i, p
 
@@ -325,7 +314,7 @@ class MixedSoak:
                     continue
             with self.lock:
                 long = self.long if self.long and self.long[:2] not in self.busy else None
-            if long is not None and _children(long[2].pid) and self.rng.random() < 0.5:
+            if long is not None and child_pids(long[2].pid) and self.rng.random() < 0.5:
                 self.disruptions["sem"] += 1
                 chosen, what = long, self.rng.choice(["long cut", "renewals fail"])  # fence the long child's holder
             else:
@@ -363,17 +352,15 @@ class MixedSoak:
             if chosen is None:
                 continue
             kind, _, p = chosen
-            holding = bool(_children(p.pid))
+            holding = bool(child_pids(p.pid))
             p.send_signal(signal.SIGKILL)
             self.kills.append((kind, holding))
 
     def spans(self, kind):
         """(start, end, pid, why it ended) of every section: its end, or when it was seen dead, stretched to its
         leftover's last hop."""
-        from lib import cs_child
-
         out = []
-        for s in cs_child.read(self.logs[kind]).values():
+        for s in sectionlog.read(self.logs[kind]).values():
             if s.start is None:
                 continue
             end, why = s.end, "end"
@@ -401,9 +388,7 @@ class MixedSoak:
         return found
 
     def leftover_groups(self):
-        from lib import cs_child
-
-        return [s.pgid for path in self.logs.values() for s in cs_child.read(path).values() if s.pgid]
+        return [s.pgid for path in self.logs.values() for s in sectionlog.read(path).values() if s.pgid]
 
     def close(self):
         for path in self.logs.values():
@@ -416,14 +401,6 @@ class MixedSoak:
         for proxy in self.proxies.values():
             proxy.close()
         self.deaths.close()
-
-
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return f.read().split()
-    except OSError:
-        return []
 
 
 def _escaped(pgid):
@@ -444,7 +421,6 @@ def _escaped(pgid):
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_mixed_soak_locks_and_semaphores_under_partitions_kills_and_leftovers(consul, name, tmp_path):
-    from lib import cs_child
     from lib.consul_agent import wait_until
 
     soak = MixedSoak(consul, name, tmp_path)
@@ -458,7 +434,7 @@ def test_mixed_soak_locks_and_semaphores_under_partitions_kills_and_leftovers(co
             t.start()
 
         def sections():
-            return sum(len(cs_child.read(path)) for path in soak.logs.values())
+            return sum(len(sectionlog.read(path)) for path in soak.logs.values())
 
         def done():
             elapsed = time.monotonic() - t0
@@ -504,8 +480,8 @@ def test_mixed_soak_locks_and_semaphores_under_partitions_kills_and_leftovers(co
         soak.stop.set()
         soak.close()
     elapsed = time.monotonic() - t0
-    counts = {kind: len(cs_child.read(path)) for kind, path in soak.logs.items()}
-    inside = {kind: cs_child.max_inside([(a, b) for a, b, _, _ in soak.spans(kind)]) for kind in MIXED}
+    counts = {kind: len(sectionlog.read(path)) for kind, path in soak.logs.items()}
+    inside = {kind: sectionlog.max_inside([(a, b) for a, b, _, _ in soak.spans(kind)]) for kind in MIXED}
     crowded = [c for kind, (limit, _, _) in MIXED.items() for c in soak.crowded(kind, limit)]
     odd = [(kind, code) for kind, code in soak.codes if code not in (0, 69, 75, 143, -signal.SIGKILL)]
     print(

@@ -32,11 +32,12 @@ import select
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
+from lib import sectionlog
 from lib.consul_agent import wait_until
+from lib.probe import probe
 
 ACTIONS = ("pass", "reset", "respond", "hold", "delay", "drop_answer")
 _REASONS = {200: "OK", 301: "Moved Permanently", 404: "Not Found", 429: "Too Many Requests", 500: "Server Error"}
@@ -441,47 +442,33 @@ def _reset(sock):
 
 # -- tools shared by the fault tests ---------------------------------------------------------------------------
 
-# The child the fault tests run under the lock. It logs "start", "term" (SIGTERM arrived) and "end" lines with
-# CLOCK_MONOTONIC times (system-wide on Linux, so comparable with the test's time.monotonic()) to DIR/events,
-# then waits for DIR/go to exist and exits with CODE. On SIGTERM it exits 0 at once: the shim must still report
-# the lost lock with its own code, not the child's.
-CHILD_SOURCE = r"""
-import os, signal, sys, time
-d, code = sys.argv[1], int(sys.argv[2])
-def log(what):
-    with open(os.path.join(d, "events"), "a") as f:
-        f.write(f"{what} {time.monotonic()} {os.getpid()} {os.environ.get('CONSUL_LOCK_SESSION', '')}\n")
-def term(signum, frame):
-    log("term")
-    os._exit(0)
-signal.signal(signal.SIGTERM, term)
-log("start")
-while not os.path.exists(os.path.join(d, "go")):
-    time.sleep(0.01)
-log("end")
-sys.exit(code)
-"""
-
 
 class Child:
-    """The argv of a logging child (see CHILD_SOURCE) and access to what it logged."""
+    """The child the fault tests run under the lock, and what it logged: lib/probe.py in mode `section`, logging
+    with CLOCK_MONOTONIC times (system-wide on Linux, so comparable with the test's time.monotonic()) to
+    DIR/events. It stays until DIR/go exists, then exits with CODE. On SIGTERM it logs that and exits 0 at once:
+    the shim must still report the lost lock with its own code, not the child's."""
 
     def __init__(self, directory, code=0):
         self.dir = str(directory)
         os.makedirs(self.dir, exist_ok=True)
-        self.argv = [sys.executable, "-c", CHILD_SOURCE, self.dir, str(code)]
+        self.log, self.go_file = os.path.join(self.dir, "events"), os.path.join(self.dir, "go")
+        until = ["--until", self.go_file, "--exit-on-term", "--code", code]
+        self.argv = probe("section", self.log, "inf", "--monotonic", "--env", *until)
 
     def events(self):
-        """[(what, monotonic time, pid, session)] in the order logged."""
-        try:
-            with open(os.path.join(self.dir, "events")) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
+        """[(what, monotonic time, pid, session)] in the order logged: "start", "term" (SIGTERM arrived), "end"."""
+        lines = sectionlog.lines(self.log)
+        # The session is on the "I" line, written with the "S" line: a start counts once both are read.
+        sessions = {int(parts[2]): parts[4] for parts in lines if parts[0] == "I"}
+        names = {"S": "start", "T": "term", "E": "end"}
         out = []
-        for line in lines:
-            what, t, pid, *session = line.split()
-            out.append((what, float(t), int(pid), session[0] if session else ""))
+        for parts in lines:
+            pid = int(parts[2]) if parts[0] in names else None
+            if pid is None or (parts[0] == "S" and pid not in sessions):
+                continue
+            session = sessions.get(pid, "-")
+            out.append((names[parts[0]], int(parts[1]) / 1e9, pid, "" if session == "-" else session))
         return out
 
     def event(self, what):
@@ -492,7 +479,7 @@ class Child:
         return wait_until(lambda: self.event(what), timeout, message=f"child event {what!r} in {self.dir}")
 
     def go(self):
-        open(os.path.join(self.dir, "go"), "w").close()
+        open(self.go_file, "w").close()
 
 
 class Watched:
@@ -538,7 +525,7 @@ class Watched:
 class DeathWatch:
     """When did each watched process die? Times (monotonic) for processes that leave no "end" line, e.g. a
     critical-section child SIGKILLed after its SIGTERM was ignored. A thread polls the processes' pidfds;
-    `sections(path)` makes it also watch every child that logs a start in that cs_child.py log."""
+    `sections(path)` makes it also watch every child that logs a start in that section log (lib/probe.py)."""
 
     def __init__(self):
         self.deaths = {}  # pid -> monotonic time it was seen dead (within one poll round of its death)
@@ -599,7 +586,7 @@ class DeathWatch:
 
     @staticmethod
     def _new_starts(path, offsets):
-        """PIDs of the "S <ns> <pid>" lines (cs_child.py) appended to PATH since the last call."""
+        """PIDs of the "S <ns> <pid>" lines (lib/probe.py, mode `section`) appended to PATH since the last call."""
         try:
             with open(path, "rb") as f:
                 f.seek(offsets.get(path, 0))
