@@ -74,6 +74,7 @@ def test_unreachable_consul_exits_69_naming_the_address(consul, name):
     assert f"127.0.0.1:{port}" in line and "unreachable" in line
 
 
+@pytest.mark.slow
 def test_unreachable_consul_without_timeout_gives_up_after_a_bounded_wait(consul, name):
     env = locker_env(consul, CONSUL_HTTP_ADDR=f"http://127.0.0.1:{free_port()}")
     r = Runner(consul).run(name, "true", env=env, timeout=40)
@@ -274,6 +275,7 @@ def test_a_redirect_from_consul_is_exit_69_never_free(locker, consul, proxy, nam
     assert not keys, f"keys left: {keys}"
 
 
+@pytest.mark.slow
 def test_server_errors_while_waiting_are_retried_with_backoff(locker, consul, proxy, name, tmp_path):
     failing = proxy.rule("respond", "GET", "/v1/kv/", status=500, content="rpc error: No cluster leader")
     marker = tmp_path / "ran"

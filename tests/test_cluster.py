@@ -42,6 +42,7 @@ def leader_of(agents, via):
     return next((a for a in agents if addr and addr.endswith(f":{a.ports['server']}")), None)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_leader_killed_while_child_runs_child_finishes_and_keeps_the_lock(name, tmp_path):
     agents = start_cluster(tmp_path)

@@ -44,6 +44,7 @@ def wait_all(procs, timeout):
     return codes
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_eight_contenders_never_overlap(locker, consul, name, tmp_path):
     log = tmp_path / "log"
@@ -77,6 +78,7 @@ def test_mixed_with_consul_lock_never_overlap(locker, consul, consul_bin, name, 
     assert max_concurrency(spans) == 1, spans
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_semaphore_allows_exactly_limit_holders(locker, consul, name, tmp_path):
     log = tmp_path / "log"

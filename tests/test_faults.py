@@ -109,6 +109,7 @@ def test_lost_lock_child_ignoring_sigterm_is_killed_with_its_tree_after_kill_tim
     assert not _alive(int(gc)), "the grandchild (SIGTERM ignored) outlived the shim"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_frozen_agent_child_terminated_before_the_agent_is_continued(name, tmp_path):
     agent = Agent("frozen", log_dir=str(tmp_path)).start()
@@ -145,6 +146,7 @@ def proxy(consul):
     fp.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_partition_shorter_than_ttl_does_not_disturb_the_child(consul, proxy, name, tmp_path):
     child = Child(tmp_path, code=7)
@@ -168,6 +170,7 @@ def test_partition_shorter_than_ttl_does_not_disturb_the_child(consul, proxy, na
     assert_no_session(consul, name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_dropped_connections_do_not_disturb_the_child(consul, proxy, name, tmp_path):
     child = Child(tmp_path, code=5)
@@ -190,6 +193,7 @@ def test_dropped_connections_do_not_disturb_the_child(consul, proxy, name, tmp_p
     assert_no_session(consul, name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_partition_longer_than_ttl_self_fences_within_ttl_of_last_renewal(consul, proxy, name, tmp_path):
     child = Child(tmp_path)
@@ -219,6 +223,7 @@ def test_partition_longer_than_ttl_self_fences_within_ttl_of_last_renewal(consul
     consul.api("PUT", f"/v1/session/destroy/{session}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_sigkilled_holder_is_replaced_within_two_ttl_plus_lock_delay(consul, locker, name, tmp_path):
     first, second = Child(tmp_path / "first"), Child(tmp_path / "second")

@@ -178,6 +178,7 @@ def test_stop_signal_while_the_grant_hangs_ends_the_wait_within_1s(consul, proxy
 
 
 # -- item 8: a hung renewal is abandoned and retried before the fence ----------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_hung_renewal_is_retried_and_does_not_fence_the_holder(consul, proxy, run, name, tmp_path):
     # The first renewal hangs longer than the TTL (forwarded by the agent to an isolated old leader, say); later

@@ -108,6 +108,7 @@ def test_stop_signal_during_the_lock_wait_exits_128_plus_n_within_1s(consul, nam
     assert not started.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_sigterm_at_any_moment_of_start_up_never_hangs_nor_orphans(consul, name):
     runs, outcomes = 30, {}

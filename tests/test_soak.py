@@ -150,6 +150,7 @@ def overlaps(sections, kills):
     return problems, gap, gap_after_kill
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_no_two_holders_ever_overlap_under_random_sigkills_and_mixed_clients(consul, consul_bin, name, tmp_path):
     soak = Soak(consul, consul_bin, name, tmp_path)
