@@ -2,6 +2,7 @@
 then wire the Consul client, the lock and the child together and hand them to the supervisor's loop."""
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -229,6 +230,9 @@ def run(args):
     child = supervisor.ChildProcess(
         args.command, dict(os.environ), args.process_group, args.pid_namespace, args.kill_timeout
     )  # 126/127 here, before Consul is contacted
+    # Everything imported so far lives until exit: freeze it, so that neither the forked child's copy-on-write
+    # pages nor our exit's last collection walk it (the practice the gc documentation gives for forking).
+    gc.freeze()
     child.fork()  # before any thread exists: the forked process must be single-threaded
     plan = supervisor.Plan(
         deadline=None if args.timeout is None else time.monotonic() + args.timeout,

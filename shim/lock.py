@@ -450,7 +450,10 @@ class Locker:
             self._lose(f"could not watch the lock key: {type(e).__name__}: {e}")
 
     def _watch(self):
-        hold, index, backoff = self.hold, None, Backoff()
+        # The first query blocks from the grant's index: a change since the grant answers it at once, and
+        # otherwise it does not compete with the child's start for the CPU.
+        hold, backoff = self.hold, Backoff()
+        index = hold.index
         while not self._stop.is_set() and not hold.lost.is_set():
             try:
                 entries, new_index = self.client.kv_get(

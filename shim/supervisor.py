@@ -16,6 +16,7 @@ import datetime
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -335,6 +336,12 @@ class ChildProcess:
             os.close(self._go_w)
             return True
 
+    def wait_exec(self, timeout):
+        """Wait (at most timeout) until the child has exec'd: the error pipe is close-on-exec, so it reads EOF
+        then (or shows the errno of a failed exec). Nothing is read: spawn_error() still finds it."""
+        if not self.pid_namespace:  # there the pipe stays open in the namespace's processes
+            select.select([self._err_r], [], [], timeout)
+
     def spawn_error(self):
         """After the child was reaped: the SpawnError its exec met, or None."""
         try:
@@ -426,6 +433,8 @@ def _namespace_init(child, env, err_w):
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
+# How long the lock's thread stays out of the child's way after the go-ahead (until its exec, at most this).
+EXEC_HEADSTART = 0.1
 # Budgets for the last Consul calls (release, destroy): short after a stop signal, which must end us within 1 s.
 CLOSE_BUDGET = 5.0
 CLOSE_BUDGET_STOPPING = 0.5
@@ -487,6 +496,8 @@ class _Worker(threading.Thread):
                     self.child.discard()
                     return
             if self.child.go(hold.env()):
+                # Let the child's exec have the CPU before this thread's watch and the main loop compete for it.
+                self.child.wait_exec(EXEC_HEADSTART)
                 wake()
                 self.locker.monitor()
         except BaseException as e:
