@@ -56,8 +56,8 @@ BLOCKING_WAIT = 30.0
 # later ones back off so that a down agent is not hammered.
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
-# After a grant refused by lock-delay, Consul does not say when the delay ends; we retry on this backoff
-# (instead of `consul lock`'s fixed 5 s) so the lock is taken at most RETRY_MAX after the delay has passed.
+# After a grant refused by lock-delay, Consul does not say when the delay ends: we retry when our own lock-delay
+# has passed since we saw the key free, then on this backoff (instead of `consul lock`'s fixed 5 s).
 LOCK_DELAY_RETRY_FIRST = 0.05
 # After a grant lost to another contender, the next read comes after this (growing while grants keep failing):
 # short, because a lost race is normal under contention and the next read will just show the winner.
@@ -349,6 +349,7 @@ class Locker:
         index, attempted, reported = None, False, False
         delay_backoff = Backoff(first=LOCK_DELAY_RETRY_FIRST)
         race_backoff = Backoff(first=RACE_RETRY_FIRST)
+        delay_seen = None  # when a read first showed the key free but Consul refused it for lock-delay
         retry_at = None
         while True:
             if self._stop.is_set():
@@ -372,7 +373,8 @@ class Locker:
                 deadline=deadline if attempted else None,
                 give_up_after=self.opts.unreachable_for,
             )
-            decision = self.protocol.decide(entries, self._session, time.monotonic())
+            read_at = time.monotonic()
+            decision = self.protocol.decide(entries, self._session, read_at)
             if decision.missing_contender:
                 with self._state:
                     self._session_gone = True
@@ -384,10 +386,16 @@ class Locker:
                     return outcome
                 if outcome == "delay" and not wait:  # free, but refused for lock-delay after a session ended
                     raise NotAcquired(NotAcquired.BUSY, key)
-                # Read again (without an index: at once) after a pause: the lock-delay's, or a short one that
-                # grows while grants keep failing (somebody else won, or Consul failed the write), so that no
-                # answer of Consul's can make this loop spin.
-                pause = (delay_backoff if outcome == "delay" else race_backoff).delay()
+                # Read again (without an index: at once) after a pause, so that no answer of Consul's can make
+                # this loop spin. A first lock-delay refusal: Consul's delay began no later than our read showed
+                # the key free, and a fleet uses one --lock-delay per prefix, so retry when ours has passed since
+                # then; later refusals (another delay) on a short growing backoff. Lost races and failed writes:
+                # a short pause that grows while they go on.
+                if outcome == "delay" and delay_seen is None:
+                    delay_seen = read_at
+                    pause = max(0.0, delay_seen + self.opts.lock_delay - time.monotonic())
+                else:
+                    pause = (delay_backoff if outcome == "delay" else race_backoff).delay()
                 if remaining is not None:
                     pause = min(pause, max(0.0, remaining))
                 if self._stop.wait(pause):
@@ -395,6 +403,7 @@ class Locker:
                 index, retry_at = None, None
                 continue
             race_backoff.reset()
+            delay_seen = None
             attempted = True
             if not wait:
                 raise NotAcquired(NotAcquired.BUSY, key)
