@@ -46,8 +46,8 @@ ask for them see the extra lines):
                       itself when LOG.stop exists.
   --hop-ignore-term   the leftover ignores SIGTERM (only SIGKILL ends it)
   --code N            exit with N
-  --env               log "I <ns> <pid> <CONSUL_LOCK_INDEX> <CONSUL_LOCK_SESSION>" ("-" where unset), in the same
-                      write as the "S" line: a reader sees both or neither
+  --env               log "I <ns> <pid> <CONSUL_LOCK_INDEX> <CONSUL_LOCK_SESSION>" ("-" where unset) in the same
+                      write(2) as the "S" line: no SIGTERM handler's line comes between them
 """
 
 import os
