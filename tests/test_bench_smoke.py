@@ -10,6 +10,7 @@ import pytest
 from lib.consul_agent import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_bench_script_runs_with_tiny_round_counts_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"

@@ -320,6 +320,7 @@ def test_a_removed_member_refuses_at_once_instead_of_waiting_for_itself(fleet, s
     assert f.calls("add") == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_a_joiner_that_never_reaches_secondary_gives_the_lock_back_within_its_bound(fleet):
     """Issue 16 item 3: a joiner stuck in STARTUP2 (initial sync, keyFile mismatch) held every other machine
