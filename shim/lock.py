@@ -67,6 +67,9 @@ RACE_RETRY_FIRST = 0.01
 # fence. Bounded below for slow agents, above so a long TTL still retries.
 RENEW_ATTEMPT_SHARE = 0.2
 RENEW_ATTEMPT_MIN, RENEW_ATTEMPT_MAX = 1.0, 10.0
+# While holding, renew every this share of the TTL: an outage is survived when it ends before TTL has passed
+# since the last renewal, so it may last TTL minus this interval wherever it falls (TTL/2 would leave only half).
+RENEW_HELD_SHARE = 1 / 3
 # Before a grant, a session not confirmed for this share of the TTL is renewed first: the hold's self-fencing
 # clock starts at the last confirmation, and a hold that starts near its fence would be lost at once.
 FRESH_SHARE = 0.5
@@ -186,6 +189,7 @@ class Locker:
         value = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
         self.protocol = protocol_for(opts, value)
         self._stop = threading.Event()  # set by close(): every wait and retry of ours ends
+        self._kick = threading.Event()  # wakes the renewal thread: renew now (after a grant), or stop
         self._state = threading.Lock()  # guards the fields below; never held across a request
         self._session = None
         self._session_gone = False
@@ -291,12 +295,17 @@ class Locker:
             self._lose(f"internal error in the renewal thread: {type(e).__name__}: {e}")
 
     def _renew_until_closed(self):
-        """Renew every TTL/2; retry failures until the fence: the hold is lost when the session could not be
-        confirmed for TTL. Each attempt is short (a share of the TTL) so a hung one is abandoned and retried."""
+        """Renew every TTL/2 while waiting and every TTL/3 while holding (RENEW_HELD_SHARE), and at once after a
+        grant; retry failures until the fence: the hold is lost when the session could not be confirmed for TTL.
+        Each attempt is short (a share of the TTL) so a hung one is abandoned and retried."""
         ttl = self.opts.ttl
         backoff = Backoff(cap=min(RETRY_MAX, ttl / 10))
         next_at = self._confirmed_at + ttl / 2
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+        while True:
+            self._kick.wait(max(0.0, next_at - time.monotonic()))
+            self._kick.clear()
+            if self._stop.is_set():
+                return
             with self._state:
                 sid, confirmed, hold = self._session, self._confirmed_at, self.hold
             now = time.monotonic()
@@ -325,7 +334,7 @@ class Locker:
                     return
                 next_at = time.monotonic() + backoff.delay()
                 continue
-            next_at = time.monotonic() + ttl / 2
+            next_at = time.monotonic() + ttl * (RENEW_HELD_SHARE if hold is not None else 0.5)
 
     def _lose(self, reason):
         with self._state:
@@ -374,7 +383,7 @@ class Locker:
                 give_up_after=self.opts.unreachable_for,
             )
             read_at = time.monotonic()
-            decision = self.protocol.decide(entries, self._session, read_at)
+            decision = self.protocol.decide(entries, self._session, read_at, time.time())
             if decision.missing_contender:
                 with self._state:
                     self._session_gone = True
@@ -402,11 +411,23 @@ class Locker:
                     raise NotAcquired(NotAcquired.STOPPED, key)
                 index, retry_at = None, None
                 continue
-            race_backoff.reset()
             delay_seen = None
             attempted = True
             if not wait:
                 raise NotAcquired(NotAcquired.BUSY, key)
+            if decision.record is not None:
+                # Write down what later waiters must know (a dead holder's first sighting), then read again. A
+                # failed write (somebody else wrote first) changes nothing: the next read shows what is there.
+                try:
+                    self.client.txn_op(decision.record)
+                except ConsulError as e:
+                    if not e.transient:
+                        raise
+                if self._stop.wait(race_backoff.delay()):
+                    raise NotAcquired(NotAcquired.STOPPED, key)
+                index = None
+                continue
+            race_backoff.reset()
             if not reported and on_busy is not None:
                 reported = True
                 on_busy(decision.holders)
@@ -447,6 +468,9 @@ class Locker:
         hold = Hold(key=self.opts.key, session=sid, index=int(entry["ModifyIndex"]))
         with self._state:
             self.hold = hold  # also when close() ran meanwhile: destroying the session frees it
+        # Renew now (in the renewal thread): the fence counts from the last renewal, which may be up to TTL/2
+        # old; a fresh one gives the hold its whole TTL against a Consul outage that starts soon.
+        self._kick.set()
         return hold
 
     # -- while held --------------------------------------------------------------------------------------
@@ -519,6 +543,7 @@ class Locker:
             if self._stop.is_set():
                 return ""
             self._stop.set()
+            self._kick.set()
             sid, hold, creating = self._session, self.hold, self._creating
         if sid is None:
             # A session create may be in flight (a stop right after start): wait, within the budget, for its

@@ -11,7 +11,7 @@ that mixes `consul lock PREFIX` and consul-locker on one prefix still counts one
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from shim.errors import KeyConflict
@@ -32,12 +32,15 @@ class Decision:
     retry_at: monotonic time at which a reserved slot (a dead semaphore holder's) frees up, if that is what
     stands in the way; the next blocking query should not wait past it.
     missing_contender: our own semaphore contender key is gone, so our session was invalidated.
+    record: a write that changes nothing but what later waiters must know (when a dead holder was first seen
+    gone), to be made while we wait.
     """
 
     grant: Optional[dict] = None
     holders: tuple = ()
     retry_at: Optional[float] = None
     missing_contender: bool = False
+    record: Optional[dict] = None
 
 
 def kv_op(verb, key, value=None, flags=0, session=None, index=None):
@@ -74,7 +77,7 @@ class LockProtocol:
             raise _flags_conflict(self.opts.key, entry, "a lock (--limit 1)")
         return entry
 
-    def decide(self, entries, session, now=0.0):
+    def decide(self, entries, session, now=0.0, wall=0.0):
         entry = self.entry(entries)
         holder = (entry or {}).get("Session")
         if holder and holder != session:
@@ -95,30 +98,45 @@ class LockProtocol:
         return (holder,) if holder else ()
 
 
+@dataclass
+class SemaphoreState:
+    """What a semaphore's .lock entry records: the holders, and when each holder that lost its session was first
+    seen gone by a consul-locker waiter (wall-clock seconds, `Gone` in the JSON)."""
+
+    holders: dict = field(default_factory=dict)
+    gone: dict = field(default_factory=dict)
+
+
 def decode_semaphore(entry, key, limit):
-    """The holders recorded in a semaphore's .lock entry (None: no entry yet). Raises KeyConflict when the key
-    is not a semaphore of this limit."""
+    """The SemaphoreState of a semaphore's .lock entry (empty when there is none yet). Raises KeyConflict when
+    the key is not a semaphore of this limit."""
     if entry is None:
-        return {}
+        return SemaphoreState()
     if entry.get("Flags") != SEMAPHORE_FLAG:
         raise _flags_conflict(key, entry, f"a semaphore (--limit {limit})")
     if not entry.get("Value"):
-        return {}
+        return SemaphoreState()
     try:
         sem = json.loads(entry["Value"])
-        found, holders = sem.get("Limit"), sem.get("Holders") or {}
-    except (ValueError, AttributeError):
+        found, holders, gone = sem.get("Limit"), sem.get("Holders") or {}, sem.get("Gone") or {}
+        gone = {h: float(t) for h, t in gone.items()}
+        holders = {h: True for h, v in holders.items() if v}
+    except (ValueError, AttributeError, TypeError):
         raise KeyConflict(f"key {key} does not hold a semaphore's JSON value") from None
     if found != limit:
         raise KeyConflict(f"the semaphore at {key} has limit {found}, this command asked for {limit}")
-    return {h: True for h, v in holders.items() if v}
+    return SemaphoreState(holders, {h: t for h, t in gone.items() if h in holders})
 
 
-def encode_semaphore(limit, holders, writer):
-    """The .lock value. `Writer` (ignored by `consul lock -n`) names the session that wrote it: Consul keeps the
-    ModifyIndex of a write that changes nothing, so without it a holder that rewrites its own recovered grant
-    after another holder's write would get that holder's fencing index."""
-    return json.dumps({"Limit": limit, "Holders": {h: True for h in sorted(holders)}, "Writer": writer}).encode()
+def encode_semaphore(limit, holders, writer, gone=None):
+    """The .lock value. Two fields that `consul lock -n` ignores (and drops when it writes): `Gone` (see
+    SemaphoreProtocol), and `Writer`, the session that wrote it: Consul keeps the ModifyIndex of a write that
+    changes nothing, so without it a holder that rewrites its own recovered grant after another holder's write
+    would get that holder's fencing index."""
+    value = {"Limit": limit, "Holders": {h: True for h in sorted(holders)}, "Writer": writer}
+    if gone:
+        value["Gone"] = {h: round(t, 3) for h, t in sorted(gone.items())}
+    return json.dumps(value).encode()
 
 
 class SemaphoreProtocol:
@@ -126,9 +144,13 @@ class SemaphoreProtocol:
     in PREFIX/.lock, changed only by check-and-set (api/semaphore.go).
 
     A holder whose contender key is gone has lost its session. Unlike `consul lock -n`, which prunes it at once,
-    its slot stays taken until lock-delay after *this* waiter first saw it gone (`_dead_since`): the old holder
-    fences itself at TTL and kills its tree within kill-timeout < lock-delay of Consul's invalidation, which came
-    before our sighting. Nobody removes a dead holder earlier, so a late waiter is covered too."""
+    its slot stays taken until lock-delay after it was first seen gone: the old holder fences itself at TTL and
+    kills its tree within kill-timeout < lock-delay of Consul's invalidation, which came before any sighting.
+    Each waiter counts from its own first sighting (`_dead_since`, monotonic) and from the first sighting of any
+    consul-locker waiter, which the first one records in the JSON (`Gone`, wall clock): whichever ends first.
+    So a late waiter does not start its count over (a dead holder's slot would never free while short holds keep
+    cycling), at the price of trusting the recorder's clock: machine clocks must agree to well within
+    lock-delay - kill-timeout."""
 
     flags = SEMAPHORE_FLAG
     behavior = "delete"  # as `consul lock -n`: an invalidated session's contender key disappears
@@ -146,38 +168,49 @@ class SemaphoreProtocol:
         """Sessions that still hold a contender key."""
         return {e["Session"] for e in entries if e.get("Session")}
 
-    def decide(self, entries, session, now):
+    def decide(self, entries, session, now, wall):
+        """now: monotonic time of the read; wall: time.time() then."""
         entry = self.entry(entries)
-        recorded = decode_semaphore(entry, self.opts.key, self.opts.limit)
+        state = decode_semaphore(entry, self.opts.key, self.opts.limit)
         alive = self.alive(entries)
         if session not in alive:
             return Decision(missing_contender=True)
-        dead = [h for h in recorded if h not in alive]
+        dead = [h for h in state.holders if h not in alive]
         for h in dead:
             self._dead_since.setdefault(h, now)
         for h in list(self._dead_since):
-            if h not in recorded:
+            if h not in state.holders:
                 del self._dead_since[h]  # removed by someone else after its delay, or released
-        reserved = [h for h in dead if now < self._dead_since[h] + self.opts.lock_delay]
-        live = [h for h in recorded if h in alive]
+        delay = self.opts.lock_delay
+        free_at = {}  # dead holder -> monotonic time its slot frees, by our clock and by the recorded sighting
+        for h in dead:
+            free_at[h] = self._dead_since[h] + delay
+            if h in state.gone:
+                free_at[h] = min(free_at[h], now + state.gone[h] + delay - wall)
+        reserved = [h for h in dead if now < free_at[h]]
+        gone = {h: state.gone.get(h, wall) for h in reserved}  # the first sighting, kept for later waiters
+        live = [h for h in state.holders if h in alive]
         cas = int(entry["ModifyIndex"]) if entry is not None else 0
-        if session in recorded:  # a CAS whose answer we never saw did succeed: rewrite it for a fresh index
-            return Decision(grant=self._cas(live + reserved, cas, session), holders=tuple(live))
+        if session in state.holders:  # a CAS whose answer we never saw did succeed: rewrite it for a fresh index
+            return Decision(grant=self._cas(live + reserved, cas, session, gone), holders=tuple(live))
         if len(live) + len(reserved) < self.opts.limit:
-            return Decision(grant=self._cas(live + reserved + [session], cas, session), holders=tuple(live))
-        retry_at = min((self._dead_since[h] + self.opts.lock_delay for h in reserved), default=None)
-        return Decision(holders=tuple(live + reserved), retry_at=retry_at)
+            return Decision(grant=self._cas(live + reserved + [session], cas, session, gone), holders=tuple(live))
+        retry_at = min((free_at[h] for h in reserved), default=None)
+        record = None
+        if any(h not in state.gone for h in reserved):  # we are the first to see it: write down when
+            record = self._cas(live + reserved, cas, session, gone)
+        return Decision(holders=tuple(live + reserved), retry_at=retry_at, record=record)
 
-    def _cas(self, holders, index, writer):
-        value = encode_semaphore(self.opts.limit, holders, writer)
+    def _cas(self, holders, index, writer, gone=None):
+        value = encode_semaphore(self.opts.limit, holders, writer, gone)
         return kv_op("cas", self.opts.key, value, SEMAPHORE_FLAG, index=index)
 
     def still_ours(self, entries, session):
         try:
-            recorded = decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit)
+            state = decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit)
         except KeyConflict:
             return False
-        return session in recorded and session in self.alive(entries)
+        return session in state.holders and session in self.alive(entries)
 
     def contender_op(self, session):
         return kv_op("lock", f"{self.opts.prefix}/{session}", self.value, SEMAPHORE_FLAG, session)
@@ -186,16 +219,16 @@ class SemaphoreProtocol:
         """The CAS that removes only our session from the holders; None when we are not recorded."""
         entry = self.entry(entries)
         try:
-            recorded = decode_semaphore(entry, self.opts.key, self.opts.limit)
+            state = decode_semaphore(entry, self.opts.key, self.opts.limit)
         except KeyConflict:
             return None
-        if session not in recorded:
+        if session not in state.holders:
             return None
-        del recorded[session]
-        return self._cas(list(recorded), int(entry["ModifyIndex"]), session)
+        del state.holders[session]
+        return self._cas(list(state.holders), int(entry["ModifyIndex"]), session, state.gone)
 
     def holders(self, entries):
-        return tuple(decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit))
+        return tuple(decode_semaphore(self.entry(entries), self.opts.key, self.opts.limit).holders)
 
 
 def protocol_for(opts, value=b""):

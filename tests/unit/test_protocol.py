@@ -27,10 +27,10 @@ def lock_entry(session=None, index=7, flags=LOCK_FLAG):
     return e
 
 
-def sem_entries(holders, alive, limit=2, index=9):
+def sem_entries(holders, alive, limit=2, index=9, gone=None):
     entries = [{"Key": f"{PREFIX}/{s}", "Flags": SEMAPHORE_FLAG, "Session": s, "ModifyIndex": 1} for s in alive]
     if holders is not None:
-        value = encode_semaphore(limit, holders, "someone")
+        value = encode_semaphore(limit, holders, "someone", gone)
         entries.append({"Key": KEY, "Flags": SEMAPHORE_FLAG, "ModifyIndex": index, "Value": value})
     return entries
 
@@ -73,60 +73,78 @@ def test_still_ours_only_while_our_session_holds_the_key():
 
 
 # -- semaphore ----------------------------------------------------------------------------------------------
+W0 = 1_700_000_000.0  # wall-clock time at monotonic 0, in these tests: both clocks agree
+
+
+def decide(p, entries, now, wall=None):
+    return p.decide(entries, "me", now, W0 + now if wall is None else wall)
+
+
 def sem(limit=2, lock_delay=15.0):
     return SemaphoreProtocol(Options(PREFIX, limit=limit, lock_delay=lock_delay))
 
 
 def test_a_free_slot_is_taken_by_cas_on_the_current_index():
-    d = sem().decide(sem_entries(["a"], ["a", "me"]), "me", now=100.0)
+    d = decide(sem(), sem_entries(["a"], ["a", "me"]), now=100.0)
     assert d.grant["Verb"] == "cas" and d.grant["Index"] == 9
     assert sem_value(d.grant) == {"Limit": 2, "Holders": {"a": True, "me": True}}
 
 
 def test_the_first_holder_creates_the_key_with_cas_zero():
-    d = sem().decide(sem_entries(None, ["me"]), "me", now=100.0)
+    d = decide(sem(), sem_entries(None, ["me"]), now=100.0)
     assert d.grant["Index"] == 0 and sem_value(d.grant)["Holders"] == {"me": True}
 
 
 def test_full_means_busy_with_the_holders_named():
-    d = sem().decide(sem_entries(["a", "b"], ["a", "b", "me"]), "me", now=100.0)
-    assert d.grant is None and set(d.holders) == {"a", "b"} and d.retry_at is None
+    d = decide(sem(), sem_entries(["a", "b"], ["a", "b", "me"]), now=100.0)
+    assert d.grant is None and set(d.holders) == {"a", "b"} and d.retry_at is None and d.record is None
 
 
-def test_a_dead_holder_keeps_its_slot_for_lock_delay_after_we_first_saw_it_gone():
+def test_a_dead_holder_keeps_its_slot_for_lock_delay_after_it_was_first_seen_gone():
     p = sem(lock_delay=15.0)
-    # "b" is recorded but its contender key is gone: its session ended, its tree may still be dying.
-    d = p.decide(sem_entries(["a", "b"], ["a", "me"]), "me", now=100.0)
+    # "b" is recorded but its contender key is gone: its session ended, its tree may still be dying. We are the
+    # first to see it: the slot stays taken, and the sighting is written down for later waiters.
+    d = decide(p, sem_entries(["a", "b"], ["a", "me"]), now=100.0)
     assert d.grant is None and d.retry_at == 115.0
-    d = p.decide(sem_entries(["a", "b"], ["a", "me"]), "me", now=114.9)
-    assert d.grant is None  # the clock runs from the first sighting, not from this read
-    d = p.decide(sem_entries(["a", "b"], ["a", "me"]), "me", now=115.0)
+    assert sem_value(d.record) == {"Limit": 2, "Holders": {"a": True, "b": True}, "Gone": {"b": W0 + 100.0}}
+    recorded = {"b": W0 + 100.0}
+    d = decide(p, sem_entries(["a", "b"], ["a", "me"], gone=recorded), now=114.9)
+    assert d.grant is None and d.record is None  # the clock runs from the first sighting, not from this read
+    d = decide(p, sem_entries(["a", "b"], ["a", "me"], gone=recorded), now=115.0)
     assert sem_value(d.grant)["Holders"] == {"a": True, "me": True}  # b is pruned only now
 
 
-def test_a_late_waiter_starts_its_own_clock():
-    # Another waiter saw "b" gone long ago; this one has just arrived: it waits its own full lock-delay.
+def test_a_late_waiter_counts_from_the_recorded_first_sighting():
+    # Another waiter saw "b" gone at 100 and wrote it down; this one arrives at 110 and waits until 115, not 125.
     late = sem(lock_delay=15.0)
-    assert late.decide(sem_entries(["a", "b"], ["a", "me"]), "me", now=500.0).retry_at == 515.0
+    d = decide(late, sem_entries(["a", "b"], ["a", "me"], gone={"b": W0 + 100.0}), now=110.0)
+    assert d.retry_at == 115.0 and d.record is None
+    d = decide(late, sem_entries(["a", "b"], ["a", "me"], gone={"b": W0 + 100.0}), now=115.0)
+    assert sem_value(d.grant)["Holders"] == {"a": True, "me": True}
 
 
-def test_a_dead_holder_does_not_block_a_slot_that_is_free_anyway():
-    d = sem(limit=3).decide(sem_entries(["a", "b"], ["a", "me"], limit=3), "me", now=100.0)
-    # b stays recorded (its slot reserved), and we take the third slot.
-    assert sem_value(d.grant)["Holders"] == {"a": True, "b": True, "me": True}
+def test_a_recorded_sighting_from_a_clock_ahead_of_ours_never_lengthens_our_own_count():
+    p = sem(lock_delay=15.0)
+    d = decide(p, sem_entries(["a", "b"], ["a", "me"], gone={"b": W0 + 500.0}), now=100.0)
+    assert d.retry_at == 115.0
+
+
+def test_taking_a_live_slot_keeps_a_dead_holders_reservation_and_its_sighting():
+    d = decide(sem(limit=3), sem_entries(["a", "b"], ["a", "me"], limit=3, gone={"b": W0 + 90.0}), now=100.0)
+    assert sem_value(d.grant) == {"Limit": 3, "Holders": {"a": True, "b": True, "me": True}, "Gone": {"b": W0 + 90}}
 
 
 def test_lock_delay_zero_frees_a_dead_holders_slot_at_once():
-    d = sem(lock_delay=0.0).decide(sem_entries(["a", "b"], ["a", "me"]), "me", now=100.0)
+    d = decide(sem(lock_delay=0.0), sem_entries(["a", "b"], ["a", "me"]), now=100.0)
     assert sem_value(d.grant)["Holders"] == {"a": True, "me": True}
 
 
 def test_our_missing_contender_key_means_our_session_is_gone():
-    assert sem().decide(sem_entries(["a"], ["a"]), "me", now=1.0).missing_contender
+    assert decide(sem(), sem_entries(["a"], ["a"]), now=1.0).missing_contender
 
 
 def test_a_recorded_hold_of_ours_is_rewritten_for_a_fresh_index():
-    d = sem().decide(sem_entries(["a", "me"], ["a", "me"]), "me", now=1.0)
+    d = decide(sem(), sem_entries(["a", "me"], ["a", "me"]), now=1.0)
     assert d.grant["Verb"] == "cas" and sem_value(d.grant)["Holders"] == {"a": True, "me": True}
 
 
@@ -148,6 +166,12 @@ def test_release_removes_only_our_session():
 def test_a_key_of_another_layout_is_a_conflict(entry, why):
     with pytest.raises(KeyConflict, match=why):
         decode_semaphore(entry, KEY, 2)
+
+
+def test_consul_lock_n_json_without_our_fields_is_read():
+    value = json.dumps({"Limit": 2, "Holders": {"a": True, "b": False}}).encode()
+    state = decode_semaphore({"Key": KEY, "Flags": SEMAPHORE_FLAG, "Value": value, "ModifyIndex": 1}, KEY, 2)
+    assert state.holders == {"a": True} and state.gone == {}
 
 
 def test_still_ours_needs_both_the_record_and_a_live_session():
