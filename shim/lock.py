@@ -56,8 +56,8 @@ BLOCKING_WAIT = 30.0
 # later ones back off so that a down agent is not hammered.
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
-# After a grant refused by lock-delay, Consul does not say when the delay ends: we retry when our own lock-delay
-# has passed since we saw the key free, then on this backoff (instead of `consul lock`'s fixed 5 s).
+# After a grant refused by lock-delay, Consul does not say when the delay ends: we retry on this backoff, and when
+# our own lock-delay has passed since we saw the key free (instead of `consul lock`'s fixed 5 s).
 LOCK_DELAY_RETRY_FIRST = 0.05
 # After a grant lost to another contender, the next read comes after this (growing while grants keep failing):
 # short, because a lost race is normal under contention and the next read will just show the winner.
@@ -396,15 +396,16 @@ class Locker:
                 if outcome == "delay" and not wait:  # free, but refused for lock-delay after a session ended
                     raise NotAcquired(NotAcquired.BUSY, key)
                 # Read again (without an index: at once) after a pause, so that no answer of Consul's can make
-                # this loop spin. A first lock-delay refusal: Consul's delay began no later than our read showed
-                # the key free, and a fleet uses one --lock-delay per prefix, so retry when ours has passed since
-                # then; later refusals (another delay) on a short growing backoff. Lost races and failed writes:
-                # a short pause that grows while they go on.
-                if outcome == "delay" and delay_seen is None:
-                    delay_seen = read_at
-                    pause = max(0.0, delay_seen + self.opts.lock_delay - time.monotonic())
-                else:
-                    pause = (delay_backoff if outcome == "delay" else race_backoff).delay()
+                # this loop spin. A lock-delay refusal: on a backoff (capped at RETRY_MAX), and also exactly when
+                # our own --lock-delay has passed since a read first showed the key free (Consul's delay began no
+                # earlier; a fleet usually has one lock-delay per prefix). Lost races and failed writes: a short
+                # pause that grows while they go on.
+                pause = (delay_backoff if outcome == "delay" else race_backoff).delay()
+                if outcome == "delay":
+                    delay_seen = read_at if delay_seen is None else delay_seen
+                    expected = delay_seen + self.opts.lock_delay - time.monotonic()
+                    if expected > 0:
+                        pause = min(pause, expected)
                 if remaining is not None:
                     pause = min(pause, max(0.0, remaining))
                 if self._stop.wait(pause):
