@@ -469,10 +469,13 @@ class Locker:
         hold = Hold(key=self.opts.key, session=sid, index=int(entry["ModifyIndex"]))
         with self._state:
             self.hold = hold  # also when close() ran meanwhile: destroying the session frees it
-        # Renew now (in the renewal thread): the fence counts from the last renewal, which may be up to TTL/2
-        # old; a fresh one gives the hold its whole TTL against a Consul outage that starts soon.
-        self._kick.set()
         return hold
+
+    def renew_soon(self):
+        """Have the renewal thread renew now. Called once the hold's work has started (not before: it would
+        compete with the child's start): the fence counts from the last renewal, which may be up to TTL/2 old
+        at the grant; a fresh one gives the hold its whole TTL against a Consul outage that starts soon."""
+        self._kick.set()
 
     # -- while held --------------------------------------------------------------------------------------
     def monitor(self):
@@ -651,6 +654,7 @@ def held(prefix, limit=1, ttl=15.0, lock_delay=15.0, timeout=None, wait=True, cl
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         hold = locker.acquire(deadline=deadline, wait=wait)
+        locker.renew_soon()
         threading.Thread(target=locker.monitor, name="consul-locker-monitor", daemon=True).start()
         yield hold
     finally:

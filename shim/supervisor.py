@@ -499,6 +499,7 @@ class _Worker(threading.Thread):
                 # Let the child's exec have the CPU before this thread's watch and the main loop compete for it.
                 self.child.wait_exec(EXEC_HEADSTART)
                 wake()
+                self.locker.renew_soon()
                 self.locker.monitor()
         except BaseException as e:
             self.result = e
