@@ -11,7 +11,7 @@ import psutil
 import pytest
 from lib.acl import destroy_session, hold_key, make_token, start_acl_agent
 from lib.consul_agent import free_port, wait_until
-from lib.locker import assert_no_session, lock_key, locker_env, sessions_named
+from lib.locker import assert_no_session, lock_key, locker_env, one_line, sessions_named, stop
 
 
 def waiting_lines(stderr):
@@ -24,19 +24,6 @@ def start_holder(locker, tmp_path, *args):
     p = locker.popen(*args, "sh", "-c", f"touch {started}; exec sleep 60")
     wait_until(started.exists, 15, message="holder's child started")
     return p
-
-
-def stop(*procs):
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        p.communicate(timeout=20)
-
-
-def one_line(stderr):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def alive(pid):

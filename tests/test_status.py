@@ -5,7 +5,6 @@
 import base64
 import json
 import re
-import signal
 import socket
 import subprocess
 import urllib.request
@@ -14,7 +13,7 @@ import uuid
 import pytest
 from lib.acl import destroy_session, hold_key, make_token, start_acl_agent
 from lib.consul_agent import free_port, wait_until
-from lib.locker import lock_key, locker_env, sessions_named
+from lib.locker import lock_key, locker_env, one_line, sessions_named, stop
 
 
 def session_table_index(agent):
@@ -41,19 +40,6 @@ def start_holder(locker, tmp_path, *args):
     wait_until(info.exists, 15, message="holder's child started")
     sid, index = info.read_text().split()
     return p, sid, int(index)
-
-
-def stop(*procs):
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        p.communicate(timeout=20)
-
-
-def one_line(stderr):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 def test_status_of_a_free_lock_exits_1_and_creates_no_session(locker, consul, name):

@@ -1,6 +1,7 @@
 """Running consul-locker against a test agent, and looking at what it left in Consul."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -77,3 +78,18 @@ def assert_no_session(agent, name, timeout=5.0):
 
 def lock_key(name):
     return f"consul-locker/{name}/.lock"
+
+
+def stop(*procs):
+    """SIGTERM each consul-locker (Popen) and wait for all of them."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.communicate(timeout=20)
+
+
+def one_line(stderr):
+    """The one line a usage or runtime error must be (no traceback); returned for further checks."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
