@@ -85,23 +85,6 @@ def run(consul):
         w.kill()
 
 
-@pytest.fixture
-def hold_lock(consul):
-    """hold_lock(name) -> session: the test's own session takes NAME's lock key (lock-delay 0), so a
-    consul-locker started next waits; destroying the session frees the key at once."""
-    made = []
-
-    def hold(name):
-        sid = consul.api("PUT", "/v1/session/create", {"Name": "test holder", "TTL": "60s", "LockDelay": "0s"})["ID"]
-        made.append(sid)
-        assert consul.api("PUT", f"/v1/kv/{lock_key(name)}?acquire={sid}&flags={LOCK_FLAG}", b"test") is True
-        return sid
-
-    yield hold
-    for sid in made:
-        consul.api("PUT", f"/v1/session/destroy/{sid}")
-
-
 def kv_path(key):
     return "/v1/kv/" + urllib.parse.quote(key, safe="/")
 

@@ -13,31 +13,12 @@ import time
 import psutil
 import pytest
 from lib.consul_agent import wait_until
-from lib.locker import assert_no_session, lock_key, sessions_named
+from lib.locker import assert_no_session, sessions_named
 from lib.probe import probe
 from lib.procs import child_of, finish, is_gone, log_lines, signal_state, start, wait_file
 
-from shim.lock import LOCK_FLAG
-
 FORWARDED = ["SIGUSR1", "SIGUSR2", "SIGHUP", "SIGWINCH", "SIGQUIT", "SIGINT"]
 STOPPING = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
-
-
-@pytest.fixture
-def holder(consul):
-    """hold(name): take NAME's lock in Consul with a session of our own (not consul-locker's), so a
-    consul-locker started afterwards has to wait. The sessions are destroyed at the end of the test."""
-    sessions = []
-
-    def hold(name):
-        sid = consul.api("PUT", "/v1/session/create", {"Name": "test holder", "TTL": "60s", "LockDelay": "0s"})["ID"]
-        sessions.append(sid)
-        assert consul.api("PUT", f"/v1/kv/{lock_key(name)}?acquire={sid}&flags={LOCK_FLAG}", b"holder") is True
-        return sid
-
-    yield hold
-    for sid in sessions:
-        consul.api("PUT", f"/v1/session/destroy/{sid}")
 
 
 # -- forwarding ----------------------------------------------------------------------------------------------
@@ -93,8 +74,8 @@ def test_sigtstp_stops_the_child_but_never_the_shim(consul, name):
 # -- stop signals while waiting for the lock -----------------------------------------------------------------
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("sig", STOPPING, ids=lambda s: s.name)
-def test_stop_signal_during_the_lock_wait_exits_128_plus_n_within_1s(consul, name, holder, tmp_path, sig):
-    holder(name)
+def test_stop_signal_during_the_lock_wait_exits_128_plus_n_within_1s(consul, name, hold_lock, tmp_path, sig):
+    hold_lock(name)
     started = tmp_path / "started"
     p = start(consul, name, "touch", started)
     wait_until(lambda: sessions_named(consul, name), 20, message="consul-locker's session (it is waiting)")
