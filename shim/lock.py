@@ -628,8 +628,8 @@ def describe_holder(client, sid):
         info = client.session_info(sid, timeout=2.0)
     except ConsulError:
         return f"session {sid}"
-    if not info:
-        return f"session {sid} (gone)"
+    if not info:  # gone meanwhile, or hidden from this token by the ACL (Consul then answers as if gone)
+        return f"session {sid}"
     name, node = info.get("Name") or "", info.get("Node") or "?"
     words = name.split()  # "consul-locker PREFIX on HOST pid PID NONCE"; PREFIX may hold spaces
     if len(words) >= 7 and words[0] == "consul-locker" and words[-5] == "on" and words[-3] == "pid":
