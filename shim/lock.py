@@ -369,6 +369,8 @@ class Locker:
             now = time.monotonic()
             remaining = None if deadline is None else deadline - now
             if attempted and remaining is not None and remaining <= 0:
+                if self.unreachable_since is not None and self.last_error is not None:
+                    raise self.last_error  # the deadline found Consul failing: that, not a busy lock, is the news
                 raise NotAcquired(NotAcquired.TIMEOUT, key)
             blocking = BLOCKING_WAIT if remaining is None else max(0.0, min(BLOCKING_WAIT, remaining))
             if retry_at is not None:

@@ -587,8 +587,6 @@ class Supervisor:
                      "the command")  # fmt: skip
             return OK
         if isinstance(result, NotAcquired):
-            if locker.unreachable_since is not None and locker.last_error is not None:
-                raise locker.last_error
             what = "held elsewhere" if result.reason != NotAcquired.TIMEOUT else "not obtained in time"
             log.say(f"lock {key} {what}; not running the command")
             return self.plan.conflict_code
